@@ -1,0 +1,481 @@
+"""Configuration: immutable dataclasses, env/URL parsing, validation and secret redaction.
+
+Every bad value raises :class:`ConfigError` naming the field (or, from the environment,
+the variable); nothing silently falls back to a default.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, Callable, TypeVar
+from urllib.parse import parse_qsl, quote, unquote
+
+from .errors import ConfigError
+
+LOAD_BALANCING = ("in_order", "round_robin", "random", "least_loaded")
+SPOOL_FULL_POLICIES = ("raise", "block", "drop_oldest")
+REDACTED = "***"
+
+HostPort = tuple[str, int]
+T = TypeVar("T")
+
+
+def _check(cond: bool, name: str, problem: str) -> None:
+    if not cond:
+        raise ConfigError(name, problem)
+
+
+def _positive(value: float, name: str, *, allow_zero: bool = False) -> None:
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    ok = ok and (value >= 0 if allow_zero else value > 0)
+    _check(
+        ok, name, f"must be a {'non-negative' if allow_zero else 'positive'} number, got {value!r}"
+    )
+
+
+def _whole(value: int, name: str, minimum: int) -> None:
+    ok = isinstance(value, int) and not isinstance(value, bool) and value >= minimum
+    _check(ok, name, f"must be an integer >= {minimum}, got {value!r}")
+
+
+@dataclass(frozen=True)
+class RetryConfig:
+    """How a failed call is retried: full-jitter exponential backoff within a deadline.
+
+    ``max_attempts`` counts the first attempt. ``total_timeout`` bounds the whole call,
+    retries and waits included. ``budget_ratio`` is the share of calls that may be
+    retried over time (a token bucket of ``budget_burst`` tokens), so an outage cannot
+    multiply the load on the server.
+    """
+
+    max_attempts: int = 5
+    initial_delay: float = 1.0
+    max_delay: float = 30.0
+    exponential_base: float = 2.0
+    jitter: bool = True
+    timeout_per_attempt: float = 15.0
+    total_timeout: float | None = 60.0
+    budget_ratio: float = 0.2
+    budget_burst: float = 10.0
+
+    def __post_init__(self) -> None:
+        _whole(self.max_attempts, "retry.max_attempts", 1)
+        _positive(self.initial_delay, "retry.initial_delay", allow_zero=True)
+        _positive(self.max_delay, "retry.max_delay", allow_zero=True)
+        _check(self.max_delay >= self.initial_delay, "retry.max_delay", "must be >= initial_delay")
+        _positive(self.exponential_base, "retry.exponential_base")
+        _check(self.exponential_base >= 1, "retry.exponential_base", "must be >= 1")
+        _check(isinstance(self.jitter, bool), "retry.jitter", "must be a boolean")
+        _positive(self.timeout_per_attempt, "retry.timeout_per_attempt")
+        if self.total_timeout is not None:
+            _positive(self.total_timeout, "retry.total_timeout")
+        _positive(self.budget_ratio, "retry.budget_ratio", allow_zero=True)
+        _positive(self.budget_burst, "retry.budget_burst", allow_zero=True)
+
+
+@dataclass(frozen=True)
+class ConnectionPoolConfig:
+    """Pool sizing and connection lifetime.
+
+    ``max_connections`` is the hard cap (pool_size plus overflow). ``connection_timeout``
+    is how long a caller waits for a free connection. ``ping_after_idle``: a connection
+    idle longer than this is pinged before use; a fresher one only gets a socket peek.
+    """
+
+    pool_size: int = 5
+    max_connections: int = 10
+    connection_timeout: float = 30.0
+    pool_recycle_time: float = 3600.0
+    health_check_interval: float = 60.0
+    ping_after_idle: float = 30.0
+    connect_timeout: float = 10.0
+
+    def __post_init__(self) -> None:
+        _whole(self.pool_size, "pool.pool_size", 1)
+        _whole(self.max_connections, "pool.max_connections", 1)
+        _check(
+            self.max_connections >= self.pool_size,
+            "pool.max_connections",
+            f"must be >= pool_size ({self.pool_size}), got {self.max_connections}",
+        )
+        _positive(self.connection_timeout, "pool.connection_timeout")
+        _positive(self.pool_recycle_time, "pool.pool_recycle_time")
+        _positive(self.health_check_interval, "pool.health_check_interval")
+        _positive(self.ping_after_idle, "pool.ping_after_idle", allow_zero=True)
+        _positive(self.connect_timeout, "pool.connect_timeout")
+
+
+@dataclass(frozen=True)
+class CircuitBreakerConfig:
+    """Breaker thresholds: open after ``failure_threshold`` consecutive countable
+    failures, try again after ``recovery_timeout`` seconds with at most
+    ``half_open_max_calls`` concurrent trial calls."""
+
+    failure_threshold: int = 5
+    recovery_timeout: float = 30.0
+    half_open_max_calls: int = 3
+
+    def __post_init__(self) -> None:
+        _whole(self.failure_threshold, "breaker.failure_threshold", 1)
+        _positive(self.recovery_timeout, "breaker.recovery_timeout")
+        _whole(self.half_open_max_calls, "breaker.half_open_max_calls", 1)
+
+
+def default_spool_dir() -> str:
+    """The user's cache dir (XDG) plus ``chresilient/spool``."""
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "chresilient", "spool")
+
+
+def _parse_host_port(text: str, name: str, default_port: int) -> HostPort:
+    text = text.strip()
+    _check(bool(text), name, "empty host")
+    if text.startswith("["):  # [::1]:9000
+        host, sep, rest = text[1:].partition("]")
+        _check(bool(sep) and bool(host), name, f"malformed IPv6 host {text!r}")
+        port_text = rest[1:] if rest.startswith(":") else ""
+        _check(rest == "" or rest.startswith(":"), name, f"malformed host {text!r}")
+    elif text.count(":") == 1:
+        host, port_text = text.split(":")
+    else:
+        host, port_text = text, ""
+    _valid_host(host, name)
+    port = _parse_int(port_text, name) if port_text else default_port
+    _valid_port(port, name)
+    return host, port
+
+
+def _valid_host(host: object, name: str) -> None:
+    ok = isinstance(host, str) and bool(host)
+    ok = ok and not any(c.isspace() or c in "/@?#,[]" for c in str(host))
+    _check(ok, name, f"bad host {host!r}")
+
+
+def _valid_port(port: object, name: str) -> None:
+    ok = isinstance(port, int) and not isinstance(port, bool) and 0 < port < 65536
+    _check(ok, name, f"port must be an integer 1-65535, got {port!r}")
+
+
+def _parse_int(text: str, name: str) -> int:
+    try:
+        return int(text.strip())
+    except ValueError:
+        raise ConfigError(name, f"expected an integer, got {text!r}") from None
+
+
+def _parse_float(text: str, name: str) -> float:
+    try:
+        value = float(text.strip())
+    except ValueError:
+        raise ConfigError(name, f"expected a number, got {text!r}") from None
+    _check(math.isfinite(value), name, f"expected a finite number, got {text!r}")
+    return value
+
+
+def _parse_bool(text: str, name: str) -> bool:
+    low = text.strip().lower()
+    if low in ("1", "true", "yes", "on"):
+        return True
+    if low in ("0", "false", "no", "off"):
+        return False
+    raise ConfigError(name, f"expected true/false, got {text!r}")
+
+
+def _parse_alt_hosts(value: Any, name: str) -> tuple[HostPort, ...]:
+    if isinstance(value, str):
+        items: list[Any] = [part for part in value.split(",") if part.strip()]
+    else:
+        try:
+            items = list(value)
+        except TypeError:
+            raise ConfigError(name, f"expected host:port items, got {value!r}") from None
+    hosts = []
+    for item in items:
+        if isinstance(item, str):
+            hosts.append(_parse_host_port(item, name, 9000))
+        elif (
+            isinstance(item, (tuple, list))
+            and len(item) == 2
+            and isinstance(item[0], str)
+            and isinstance(item[1], int)
+        ):
+            _valid_host(item[0], name)
+            _valid_port(item[1], name)
+            hosts.append((item[0], item[1]))
+        else:
+            raise ConfigError(name, f"expected 'host:port' or (host, port), got {item!r}")
+    return tuple(hosts)
+
+
+@dataclass(frozen=True)
+class Config:
+    """Everything a :class:`ClickHouseConnectionManager` needs. Keyword fields, all optional.
+
+    The password never appears in ``repr()``/``str()``; use :meth:`safe_url` to show where
+    the client connects.
+    """
+
+    host: str = "localhost"
+    port: int = 9000
+    user: str = "default"
+    password: str = field(default="", repr=False)
+    database: str = "default"
+    secure: bool = False
+    verify: bool = True
+    ca_certs: str | None = None
+    alt_hosts: tuple[HostPort, ...] = ()
+    load_balancing: str = "in_order"
+    client_name: str = "chresilient"
+    compression: bool | str = False
+    settings: Mapping[str, Any] = field(default_factory=dict)
+    retry: RetryConfig = field(default_factory=RetryConfig)
+    pool: ConnectionPoolConfig = field(default_factory=ConnectionPoolConfig)
+    breaker: CircuitBreakerConfig = field(default_factory=CircuitBreakerConfig)
+    spool_dir: str | None = None
+    spool_max_bytes: int = 512 * 1024 * 1024
+    spool_full_policy: str = "raise"
+
+    def __post_init__(self) -> None:
+        for name in ("host", "user", "database", "client_name"):
+            value = getattr(self, name)
+            _check(isinstance(value, str), name, f"must be a string, got {type(value).__name__}")
+        _check(isinstance(self.password, str), "password", "must be a string")
+        _valid_host(self.host, "host")
+        _valid_port(self.port, "port")
+        _check(bool(self.database), "database", "must not be empty")
+        _check(isinstance(self.secure, bool), "secure", "must be a boolean")
+        _check(isinstance(self.verify, bool), "verify", "must be a boolean")
+        object.__setattr__(self, "alt_hosts", _parse_alt_hosts(self.alt_hosts, "alt_hosts"))
+        _check(
+            self.load_balancing in LOAD_BALANCING,
+            "load_balancing",
+            f"must be one of {', '.join(LOAD_BALANCING)}, got {self.load_balancing!r}",
+        )
+        _check(isinstance(self.settings, Mapping), "settings", "must be a mapping")
+        object.__setattr__(self, "settings", dict(self.settings))
+        for name, kind in (
+            ("retry", RetryConfig),
+            ("pool", ConnectionPoolConfig),
+            ("breaker", CircuitBreakerConfig),
+        ):
+            value = getattr(self, name)
+            _check(isinstance(value, kind), name, f"must be a {kind.__name__}")
+        _whole(self.spool_max_bytes, "spool_max_bytes", 1)
+        _check(
+            self.spool_full_policy in SPOOL_FULL_POLICIES,
+            "spool_full_policy",
+            f"must be one of {', '.join(SPOOL_FULL_POLICIES)}, got {self.spool_full_policy!r}",
+        )
+
+    # -- derived values -------------------------------------------------------------
+    @property
+    def hosts(self) -> tuple[HostPort, ...]:
+        """The primary host followed by the alternates, without duplicates."""
+        seen: dict[HostPort, None] = {(self.host, self.port): None}
+        for hp in self.alt_hosts:
+            seen.setdefault(hp, None)
+        return tuple(seen)
+
+    @property
+    def resolved_spool_dir(self) -> str:
+        return self.spool_dir or default_spool_dir()
+
+    def safe_url(self) -> str:
+        """The connection URL with the password replaced by ``***``."""
+        auth = quote(self.user, safe="")
+        if self.password:
+            auth += ":" + REDACTED
+        netloc = ",".join(_format_host(h, p) for h, p in self.hosts)
+        scheme = "clickhouses" if self.secure else "clickhouse"
+        return f"{scheme}://{auth}@{netloc}/{quote(self.database, safe='')}"
+
+    def replace(self, **changes: Any) -> Config:
+        """A copy with some fields changed (validated again)."""
+        return dataclasses.replace(self, **changes)
+
+    def __str__(self) -> str:
+        return f"Config({self.safe_url()})"
+
+    # -- constructors -----------------------------------------------------------------
+    @classmethod
+    def from_url(cls, url: str, **overrides: Any) -> Config:
+        """Parse ``clickhouse://user:pw@host:port[,host2:port2]/db?secure=false``."""
+        return cls(**{**_url_fields(url), **overrides})
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> Config:
+        """Build from ``CLICKHOUSE_*`` variables; ``CLICKHOUSE_URL`` wins over the parts."""
+        env = os.environ if environ is None else environ
+        try:
+            return _config_from_env(cls, env)
+        except ConfigError as err:
+            var = _ENV_FOR_FIELD.get(err.field)
+            if var is None or err.field.startswith("CLICKHOUSE_"):
+                raise
+            raise ConfigError(var, err.problem) from None
+
+
+def _format_host(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+_URL_PARAMS: dict[str, Callable[[str, str], Any]] = {
+    "secure": _parse_bool,
+    "verify": _parse_bool,
+    "ca_certs": lambda v, n: v,
+    "client_name": lambda v, n: v,
+    "compression": lambda v, n: v if v not in ("true", "false", "1", "0") else _parse_bool(v, n),
+    "load_balancing": lambda v, n: v,
+    "alt_hosts": _parse_alt_hosts,
+}
+
+
+def _url_fields(url: str) -> dict[str, Any]:
+    _check(isinstance(url, str), "url", "must be a string")
+    scheme, sep, rest = url.partition("://")
+    _check(bool(sep), "url", "expected clickhouse://user:password@host:port/database")
+    _check(
+        scheme in ("clickhouse", "clickhouses"),
+        "url",
+        f"scheme must be clickhouse:// or clickhouses://, got {scheme!r}",
+    )
+    rest, _, fragment = rest.partition("#")
+    rest, _, query = rest.partition("?")
+    netloc, _, path = rest.partition("/")
+    fields: dict[str, Any] = {"secure": scheme == "clickhouses"}
+    if "@" in netloc:
+        auth, _, netloc = netloc.rpartition("@")
+        user, has_pw, password = auth.partition(":")
+        if user:
+            fields["user"] = unquote(user)
+        if has_pw:
+            fields["password"] = unquote(password)
+    hosts = [h for h in netloc.split(",")] if netloc else []
+    _check(bool(hosts) and all(h.strip() for h in hosts), "url", "missing host")
+    parsed = [_parse_host_port(h, "url", 9000) for h in hosts]
+    fields["host"], fields["port"] = parsed[0]
+    alt = list(parsed[1:])
+    database = unquote(path.strip("/"))
+    if database:
+        _check("/" not in database, "url", f"bad database name {database!r}")
+        fields["database"] = database
+    for key, value in parse_qsl(query, keep_blank_values=True, strict_parsing=False):
+        parser = _URL_PARAMS.get(key)
+        _check(
+            parser is not None,
+            f"url parameter {key!r}",
+            f"unknown; known: {', '.join(sorted(_URL_PARAMS))}",
+        )
+        assert parser is not None
+        parsed_value = parser(value, f"url parameter {key!r}")
+        if key == "alt_hosts":
+            alt.extend(parsed_value)
+        else:
+            fields[key] = parsed_value
+    if alt:
+        fields["alt_hosts"] = tuple(alt)
+    del fragment
+    return fields
+
+
+# Field name (as used by validation) -> the environment variable that sets it.
+_ENV_FOR_FIELD = {
+    "host": "CLICKHOUSE_HOST",
+    "port": "CLICKHOUSE_PORT",
+    "user": "CLICKHOUSE_USER",
+    "password": "CLICKHOUSE_PASSWORD",
+    "database": "CLICKHOUSE_DB",
+    "secure": "CLICKHOUSE_SECURE",
+    "alt_hosts": "CLICKHOUSE_ALT_HOSTS",
+    "load_balancing": "CLICKHOUSE_LOAD_BALANCING",
+    "retry.max_attempts": "CLICKHOUSE_RETRY_MAX_ATTEMPTS",
+    "retry.initial_delay": "CLICKHOUSE_RETRY_INITIAL_DELAY",
+    "retry.max_delay": "CLICKHOUSE_RETRY_MAX_DELAY",
+    "retry.timeout_per_attempt": "CLICKHOUSE_RETRY_TIMEOUT_PER_ATTEMPT",
+    "pool.pool_size": "CLICKHOUSE_POOL_SIZE",
+    "pool.max_connections": "CLICKHOUSE_POOL_MAX_CONNECTIONS",
+    "pool.connection_timeout": "CLICKHOUSE_POOL_TIMEOUT",
+    "pool.pool_recycle_time": "CLICKHOUSE_POOL_RECYCLE",
+    "pool.health_check_interval": "CLICKHOUSE_HEALTH_CHECK_INTERVAL",
+    "breaker.failure_threshold": "CLICKHOUSE_BREAKER_FAILURE_THRESHOLD",
+    "breaker.recovery_timeout": "CLICKHOUSE_BREAKER_RECOVERY_TIMEOUT",
+    "breaker.half_open_max_calls": "CLICKHOUSE_BREAKER_HALF_OPEN_MAX_CALLS",
+    "spool_dir": "CLICKHOUSE_SPOOL_DIR",
+    "spool_max_bytes": "CLICKHOUSE_SPOOL_MAX_BYTES",
+}
+
+ENV_VARS = ("CLICKHOUSE_URL", *_ENV_FOR_FIELD.values())
+
+
+def _env_value(env: Mapping[str, str], var: str, parse: Callable[[str, str], T]) -> T | None:
+    raw = env.get(var)
+    if raw is None or raw == "":
+        return None
+    return parse(raw, var)
+
+
+def _config_from_env(cls: type[Config], env: Mapping[str, str]) -> Config:
+    text: Callable[[str, str], str] = lambda v, n: v  # noqa: E731
+    top: dict[str, Any] = {}
+    url = env.get("CLICKHOUSE_URL")
+    if url:
+        try:
+            top.update(_url_fields(url))
+        except ConfigError as err:
+            raise ConfigError("CLICKHOUSE_URL", err.problem) from None
+    else:
+        parts: dict[str, Callable[[str, str], Any]] = {
+            "host": text,
+            "port": _parse_int,
+            "user": text,
+            "password": text,
+            "database": text,
+            "secure": _parse_bool,
+        }
+        for name, parse in parts.items():
+            var = _ENV_FOR_FIELD[name]
+            if name == "password":  # an empty password is a legal value
+                if var in env:
+                    top[name] = env[var]
+                continue
+            value = _env_value(env, var, parse)
+            if value is not None:
+                top[name] = value
+    alt = _env_value(env, "CLICKHOUSE_ALT_HOSTS", _parse_alt_hosts)
+    if alt:
+        top["alt_hosts"] = tuple(top.get("alt_hosts", ())) + alt
+    for name, parse in (
+        ("load_balancing", text),
+        ("spool_dir", text),
+        ("spool_max_bytes", _parse_int),
+    ):
+        value = _env_value(env, _ENV_FOR_FIELD[name], parse)
+        if value is not None:
+            top[name] = value
+    sections: dict[str, dict[str, Any]] = {"retry": {}, "pool": {}, "breaker": {}}
+    for fname, var in _ENV_FOR_FIELD.items():
+        section, dot, attr = fname.partition(".")
+        if not dot:
+            continue
+        kind = {f.name: f.type for f in dataclasses.fields(_SECTIONS[section])}[attr]
+        parse_num: Callable[[str, str], Any] = _parse_int if kind in ("int", int) else _parse_float
+        value = _env_value(env, var, parse_num)
+        if value is not None:
+            sections[section][attr] = value
+    return cls(
+        **top,
+        retry=RetryConfig(**sections["retry"]),
+        pool=ConnectionPoolConfig(**sections["pool"]),
+        breaker=CircuitBreakerConfig(**sections["breaker"]),
+    )
+
+
+_SECTIONS: dict[str, type] = {
+    "retry": RetryConfig,
+    "pool": ConnectionPoolConfig,
+    "breaker": CircuitBreakerConfig,
+}

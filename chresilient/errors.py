@@ -1,0 +1,206 @@
+"""Exception types and the error classification that drives retry and the breaker.
+
+Every chresilient exception subclasses ``clickhouse_driver.errors.Error`` so that code
+written against the bare driver (``except clickhouse_driver.errors.Error``) keeps working.
+"""
+
+from __future__ import annotations
+
+import enum
+import socket
+import ssl
+
+from clickhouse_driver import errors as driver_errors
+from sqlalchemy import exc as sa_exc
+
+
+class ChResilientError(driver_errors.Error):  # type: ignore[misc]
+    """Base of chresilient's own errors; ``str()`` is the plain message."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+
+    def __str__(self) -> str:
+        return str(self.message)
+
+
+class ConfigError(ChResilientError, ValueError):
+    """A configuration value is invalid; ``field`` names the setting or variable."""
+
+    def __init__(self, field: str, problem: str) -> None:
+        self.field = field
+        self.problem = problem
+        super().__init__(f"invalid configuration {field}: {problem}")
+
+
+class ClickHouseUnavailableError(ChResilientError):
+    """ClickHouse could not serve the call: retries exhausted, budget spent, or breaker open.
+
+    ``last_error`` holds the last underlying error (if any), ``attempts`` how many
+    attempts were made.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        last_error: BaseException | None = None,
+        attempts: int = 0,
+    ) -> None:
+        self.last_error = last_error
+        self.attempts = attempts
+        if last_error is not None:
+            message = f"{message} (last error: {describe(last_error)})"
+        super().__init__(message)
+
+
+class CircuitOpenError(ClickHouseUnavailableError):
+    """The circuit breaker refused the call without touching the server."""
+
+    def __init__(self, name: str, retry_after: float, last_error: BaseException | None = None):
+        self.breaker_name = name
+        self.retry_after = retry_after
+        super().__init__(
+            f"circuit breaker for {name} is open; next trial in {retry_after:.1f}s",
+            last_error=last_error,
+        )
+
+
+class PoolTimeoutError(ClickHouseUnavailableError):
+    """No pooled connection became free within the checkout timeout."""
+
+
+class StartupTimeoutError(ClickHouseUnavailableError):
+    """The startup gate gave up waiting for ClickHouse."""
+
+
+class StartupError(ChResilientError):
+    """The startup gate met an error that waiting cannot fix (credentials, database)."""
+
+    def __init__(self, message: str, last_error: BaseException | None = None) -> None:
+        self.last_error = last_error
+        super().__init__(message)
+
+
+class SpoolFullError(ChResilientError):
+    """The local insert spool reached its size limit; the batch was not accepted."""
+
+
+class ClientClosedError(ChResilientError):
+    """The manager or client was used after ``close()``."""
+
+
+class ErrorKind(str, enum.Enum):
+    """Why a call failed, which decides whether it is retried and counted."""
+
+    TRANSPORT = "transport"  # the connection broke: refused, reset, EOF, timeout
+    TRANSIENT = "transient"  # the server is overloaded or busy; it may succeed later
+    DETERMINISTIC = "deterministic"  # the same call will fail the same way
+    AUTH = "auth"  # credentials or access rights; never retried
+    LOCAL = "local"  # our own side: pool exhausted, closed client
+
+
+# ClickHouse server codes that are worth another attempt. Sources:
+# clickhouse-java ServerException.discoverIsRetryable, clickhouse-kafka-connect Utils.
+TRANSIENT_CODES = frozenset(
+    {
+        202,  # TOO_MANY_SIMULTANEOUS_QUERIES
+        203,  # NO_FREE_CONNECTION
+        209,  # SOCKET_TIMEOUT (raised by a server towards a remote shard)
+        210,  # NETWORK_ERROR (raised by a server towards a remote shard)
+        241,  # MEMORY_LIMIT_EXCEEDED
+        242,  # TABLE_IS_READ_ONLY
+        252,  # TOO_MANY_PARTS
+        279,  # ALL_CONNECTION_TRIES_FAILED
+        285,  # TOO_FEW_LIVE_REPLICAS
+        319,  # UNKNOWN_STATUS_OF_INSERT
+        425,  # SYSTEM_ERROR
+        999,  # KEEPER_EXCEPTION
+    }
+)
+# Codes after which the next attempt should wait longer than the usual backoff step.
+SLOW_DOWN_CODES = frozenset({252, 241})
+AUTH_CODES = frozenset(
+    {
+        192,  # UNKNOWN_USER
+        193,  # WRONG_PASSWORD
+        194,  # REQUIRED_PASSWORD
+        195,  # IP_ADDRESS_NOT_ALLOWED
+        497,  # ACCESS_DENIED
+        516,  # AUTHENTICATION_FAILED
+    }
+)
+UNKNOWN_DATABASE = 81
+
+_TRANSPORT_TYPES: tuple[type[BaseException], ...] = (
+    driver_errors.NetworkError,
+    driver_errors.SocketTimeoutError,
+    driver_errors.UnexpectedPacketFromServerError,
+    driver_errors.UnknownPacketFromServerError,
+    EOFError,
+    socket.timeout,
+    ConnectionError,
+    ssl.SSLError,
+    OSError,
+)
+
+
+def classify(exc: BaseException) -> ErrorKind:
+    """Sort an exception into an :class:`ErrorKind` (the design's error table)."""
+    if isinstance(exc, driver_errors.ServerException):
+        code = exc.code or 0
+        if code in AUTH_CODES:
+            return ErrorKind.AUTH
+        if code in TRANSIENT_CODES:
+            return ErrorKind.TRANSIENT
+        return ErrorKind.DETERMINISTIC
+    if isinstance(
+        exc, (sa_exc.TimeoutError, ClientClosedError, PoolTimeoutError, CircuitOpenError)
+    ):
+        return ErrorKind.LOCAL
+    if isinstance(exc, ClickHouseUnavailableError):
+        return ErrorKind.TRANSPORT
+    if isinstance(exc, _TRANSPORT_TYPES):
+        return ErrorKind.TRANSPORT
+    return ErrorKind.DETERMINISTIC
+
+
+def is_retryable(kind: ErrorKind, *, is_insert: bool = False, deduplicated: bool = False) -> bool:
+    """Whether another attempt is safe.
+
+    A read can always be repeated. An INSERT whose outcome is unknown (the connection
+    broke, or 319) is repeated only when the server can deduplicate it by token.
+    """
+    if kind not in UNAVAILABLE_KINDS:
+        return False
+    return not is_insert or deduplicated
+
+
+UNAVAILABLE_KINDS = frozenset({ErrorKind.TRANSPORT, ErrorKind.TRANSIENT})
+
+
+def counts_for_breaker(kind: ErrorKind) -> bool:
+    """Only failures that say something about the server's health trip the breaker."""
+    return kind in UNAVAILABLE_KINDS
+
+
+def server_code(exc: BaseException) -> int | None:
+    """The ClickHouse error code of ``exc``, if it carries one."""
+    code = getattr(exc, "code", None)
+    return code if isinstance(code, int) else None
+
+
+def describe(exc: BaseException) -> str:
+    """A one-line description of ``exc``: type, code, first line of the message."""
+    code = server_code(exc)
+    if isinstance(exc, driver_errors.ServerException):
+        text = str(exc.message or "").strip().splitlines()
+        first = text[0] if text else ""
+        if first.startswith("DB::Exception: "):
+            first = first[len("DB::Exception: ") :]
+        return f"{type(exc).__name__} {code}: {first}"
+    if isinstance(exc, driver_errors.Error) and code is not None:
+        text = str(exc.message or "").strip().splitlines()
+        return f"{type(exc).__name__} {code}: {text[0] if text else ''}".rstrip(": ")
+    text = str(exc).strip().splitlines()
+    first = text[0] if text else ""
+    return f"{type(exc).__name__}: {first}" if first else type(exc).__name__

@@ -1,0 +1,573 @@
+"""``ClickHouseConnectionManager``: wires config, pools, breakers, retry and metrics together.
+
+One manager per process (per gunicorn worker). Every call takes the same path:
+retry loop -> pick a host whose breaker admits the call -> pooled connection bounded by
+the attempt's timeout -> the driver.
+"""
+
+from __future__ import annotations
+
+import itertools
+import random
+import threading
+import time
+import types
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import ExitStack
+from dataclasses import dataclass
+from typing import Any, Callable, TypeVar
+
+import structlog
+
+from .breaker import CircuitBreaker, CircuitState
+from .config import Config
+from .errors import (
+    AUTH_CODES,
+    UNKNOWN_DATABASE,
+    CircuitOpenError,
+    ClickHouseUnavailableError,
+    ClientClosedError,
+    ErrorKind,
+    StartupError,
+    StartupTimeoutError,
+    classify,
+    counts_for_breaker,
+    describe,
+    is_retryable,
+    server_code,
+)
+from .metrics import Metrics
+from .pool import HostPool, PooledConnection
+from .retry import CallStats, Deadline, RetryBudget, RetryPolicy, call_with_retry
+
+T = TypeVar("T")
+log = structlog.get_logger("chresilient")
+
+DEDUP_SETTING = "insert_deduplication_token"
+# The startup gate retries at least this often, so the backend comes up soon after
+# ClickHouse is ready, and at most twice a second, so it does not hammer a booting server.
+STARTUP_MAX_STEP = 0.5
+
+
+@dataclass
+class HostState:
+    """One ClickHouse host: its pool and its breaker."""
+
+    pool: HostPool
+    breaker: CircuitBreaker
+
+    @property
+    def label(self) -> str:
+        return self.pool.label
+
+
+def is_insert_query(query: str, params: Any) -> bool:
+    """The driver sends ``params`` as data when it is a list, tuple or generator."""
+    if isinstance(params, (list, tuple, types.GeneratorType)):
+        return True
+    return query.lstrip(" \t\r\n(").lower().startswith("insert")
+
+
+class ClickHouseConnectionManager:
+    """A resilient, pooled ClickHouse client for one process."""
+
+    def __init__(self, config: Config | None = None) -> None:
+        self.config = config if config is not None else Config.from_env()
+        cfg = self.config
+        self.metrics_registry = Metrics()
+        self.policy = RetryPolicy.from_config(cfg.retry)
+        self.budget = RetryBudget(cfg.retry.budget_ratio, cfg.retry.budget_burst)
+        self.hosts: list[HostState] = [
+            HostState(
+                pool=HostPool(cfg, address),
+                breaker=CircuitBreaker(
+                    cfg.breaker,
+                    name=f"{address[0]}:{address[1]}",
+                    on_transition=self._on_transition,
+                ),
+            )
+            for address in cfg.hosts
+        ]
+        self._rr = itertools.count()
+        self._closed = threading.Event()
+        self._lock = threading.Lock()
+        self.connection_state = "connecting"
+        self._consecutive_failures = 0
+        self.started = False
+
+    # -- lifecycle --------------------------------------------------------------------
+    def start(self, wait: bool = True, timeout: float = 60.0, required: bool = True) -> None:
+        """Startup gate: return once ClickHouse answers ``SELECT 1``.
+
+        Credentials or an unknown database fail at once with :class:`StartupError`.
+        On timeout :class:`StartupTimeoutError` is raised, unless ``required=False``: then
+        the manager starts degraded and keeps serving (and retrying) as calls come.
+        """
+        self._check_open()
+        self.started = True
+        if not wait:
+            return
+        try:
+            self.wait_until_ready(timeout)
+        except StartupTimeoutError:
+            if required:
+                raise
+            self.connection_state = "unhealthy"
+            log.warning("startup_degraded", timeout=timeout, target=self.config.safe_url())
+
+    def wait_until_ready(self, timeout: float) -> float:
+        """Block until a host answers; returns the seconds waited. See :meth:`start`."""
+        deadline = Deadline(timeout)
+        started = time.monotonic()
+        policy = RetryPolicy(
+            initial_delay=min(self.policy.initial_delay, 0.1) or 0.05,
+            max_delay=STARTUP_MAX_STEP,
+            jitter=False,
+            timeout_per_attempt=self.policy.timeout_per_attempt,
+        )
+        attempt_no = 0
+        last: BaseException | None = None
+        while True:
+            attempt_no += 1
+            for host in self.hosts:
+                try:
+                    with host.pool.connection(deadline.bound(policy.timeout_per_attempt)) as conn:
+                        conn.client.execute("SELECT 1")
+                except Exception as exc:
+                    last = exc
+                    self._fail_fast_at_startup(host, exc)
+                    log.info(
+                        "waiting_for_clickhouse",
+                        host=host.label,
+                        attempt=attempt_no,
+                        reason=_wait_reason(exc),
+                        remaining=round(max(deadline.remaining(), 0.0), 1),
+                    )
+                    continue
+                waited = time.monotonic() - started
+                host.breaker.reset()
+                self._mark_success()
+                log.info(
+                    "clickhouse_ready",
+                    host=host.label,
+                    attempts=attempt_no,
+                    waited=round(waited, 3),
+                )
+                return waited
+            step = policy.backoff(attempt_no)
+            if deadline.remaining() <= step:
+                raise StartupTimeoutError(
+                    f"ClickHouse at {self.config.safe_url()} not ready after {timeout:.1f}s "
+                    f"({attempt_no} attempts)",
+                    last_error=last,
+                    attempts=attempt_no,
+                )
+            if self._closed.wait(step):
+                raise ClientClosedError("manager closed while waiting for ClickHouse")
+
+    def _fail_fast_at_startup(self, host: HostState, exc: BaseException) -> None:
+        code = server_code(exc)
+        if code in AUTH_CODES:
+            raise StartupError(
+                f"authentication failed for user {self.config.user!r} at {host.label}: "
+                f"{describe(exc)}; check CLICKHOUSE_USER and CLICKHOUSE_PASSWORD",
+                last_error=exc,
+            ) from exc
+        if code == UNKNOWN_DATABASE:
+            raise StartupError(
+                f"database {self.config.database!r} does not exist at {host.label}; "
+                f"check CLICKHOUSE_DB",
+                last_error=exc,
+            ) from exc
+
+    def close(self) -> None:
+        """Stop using ClickHouse: close every pooled connection. A second call is harmless."""
+        if self._closed.is_set():
+            return
+        self._closed.set()
+        for host in self.hosts:
+            host.pool.dispose()
+        self.connection_state = "closed"
+        log.info("manager_closed")
+
+    @property
+    def closed(self) -> bool:
+        return self._closed.is_set()
+
+    def __enter__(self) -> ClickHouseConnectionManager:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _check_open(self) -> None:
+        if self._closed.is_set():
+            raise ClientClosedError("the ClickHouse connection manager is closed")
+
+    # -- queries ----------------------------------------------------------------------
+    def execute(
+        self,
+        query: str,
+        params: Any = None,
+        *,
+        with_column_types: bool = False,
+        settings: Mapping[str, Any] | None = None,
+        query_id: str | None = None,
+        columnar: bool = False,
+        external_tables: Sequence[Mapping[str, Any]] | None = None,
+        types_check: bool = False,
+        fallback: Callable[[BaseException], T] | None = None,
+    ) -> Any:
+        """``clickhouse_driver.Client.execute`` with pooling, retry and the breaker.
+
+        ``fallback(error)``, if given, supplies the result when ClickHouse is unavailable.
+        """
+        is_insert = is_insert_query(query, params)
+        settings = self._prepare_settings(settings, is_insert)
+
+        def run(conn: PooledConnection) -> Any:
+            return conn.client.execute(
+                query,
+                params,
+                with_column_types=with_column_types,
+                external_tables=external_tables,
+                query_id=query_id,
+                settings=settings,
+                types_check=types_check,
+                columnar=columnar,
+            )
+
+        try:
+            return self._call(
+                run,
+                is_insert=is_insert,
+                replayable=not isinstance(params, (Iterator, types.GeneratorType)),
+                deduplicated=is_insert and bool(settings and settings.get(DEDUP_SETTING)),
+                what="insert" if is_insert else "query",
+            )
+        except ClickHouseUnavailableError as err:
+            if fallback is None:
+                raise
+            return fallback(err)
+
+    def execute_iter(
+        self,
+        query: str,
+        params: Any = None,
+        *,
+        with_column_types: bool = False,
+        settings: Mapping[str, Any] | None = None,
+        query_id: str | None = None,
+        external_tables: Sequence[Mapping[str, Any]] | None = None,
+        types_check: bool = False,
+        chunk_size: int = 1,
+    ) -> Iterator[Any]:
+        """Stream rows; the connection is held until the iterator ends.
+
+        Getting the first row is retried like any read; an error after rows were yielded
+        is raised (classified) without retry. An iterator closed early discards its
+        connection, since the server may still be sending.
+        """
+        settings = self._prepare_settings(settings, False)
+
+        def open_stream(host: HostState, timeout: float) -> tuple[ExitStack, Iterator[Any], Any]:
+            stack = ExitStack()
+            try:
+                conn = stack.enter_context(host.pool.connection(timeout))
+                rows = conn.client.execute_iter(
+                    query,
+                    params,
+                    with_column_types=with_column_types,
+                    external_tables=external_tables,
+                    query_id=query_id,
+                    settings=settings,
+                    types_check=types_check,
+                    chunk_size=chunk_size,
+                )
+                first = next(rows, _END)
+            except BaseException as exc:
+                if not stack.__exit__(type(exc), exc, exc.__traceback__):
+                    raise
+                raise  # pragma: no cover - the pool context never swallows
+            return stack, rows, first
+
+        host_box: list[HostState] = []
+
+        def attempt(timeout: float) -> tuple[ExitStack, Iterator[Any], Any]:
+            return self._attempt(lambda h: open_stream(h, timeout), host_box=host_box)
+
+        stack, rows, first = self._with_retry(
+            attempt, is_insert=False, replayable=True, deduplicated=False, what="query"
+        )
+        return self._stream(stack, rows, first, host_box[-1])
+
+    def _stream(
+        self, stack: ExitStack, rows: Iterator[Any], first: Any, host: HostState
+    ) -> Iterator[Any]:
+        try:
+            if first is _END:
+                return
+            yield first
+            yield from rows
+        except GeneratorExit:
+            stack.__exit__(GeneratorExit, GeneratorExit(), None)
+            raise
+        except Exception as exc:
+            stack.__exit__(type(exc), exc, exc.__traceback__)
+            kind = classify(exc)
+            self.metrics_registry.error(kind.value)
+            if counts_for_breaker(kind):
+                self._note_failure(host, exc)
+                raise ClickHouseUnavailableError("stream broke", last_error=exc) from exc
+            raise
+        else:
+            stack.__exit__(None, None, None)
+
+    def _prepare_settings(
+        self, settings: Mapping[str, Any] | None, is_insert: bool
+    ) -> dict[str, Any] | None:
+        if not settings:
+            return None
+        out = dict(settings)
+        if DEDUP_SETTING in out and not self.supports(DEDUP_SETTING):
+            # 18.16 and other old servers reject unknown settings: drop it and
+            # deliver at least once instead of failing the insert.
+            del out[DEDUP_SETTING]
+        return out
+
+    def supports(self, feature: str) -> bool:
+        """Whether every known host has ``feature`` (False until a host was seen)."""
+        seen = [h.pool.features for h in self.hosts if h.pool.server_info is not None]
+        return bool(seen) and all(f.get(feature, False) for f in seen)
+
+    # -- the call path ------------------------------------------------------------------
+    def _call(
+        self,
+        run: Callable[[PooledConnection], T],
+        *,
+        is_insert: bool,
+        replayable: bool,
+        deduplicated: bool,
+        what: str,
+    ) -> T:
+        def attempt(timeout: float) -> T:
+            return self._attempt(lambda h: _run_on(h, timeout, run))
+
+        return self._with_retry(
+            attempt,
+            is_insert=is_insert,
+            replayable=replayable,
+            deduplicated=deduplicated,
+            what=what,
+        )
+
+    def _with_retry(
+        self,
+        attempt: Callable[[float], T],
+        *,
+        is_insert: bool,
+        replayable: bool,
+        deduplicated: bool,
+        what: str,
+    ) -> T:
+        self._check_open()
+        metrics = self.metrics_registry
+        metrics.incr("queries_total")
+
+        def should_retry(exc: BaseException) -> bool:
+            return replayable and is_retryable(
+                classify(exc), is_insert=is_insert, deduplicated=deduplicated
+            )
+
+        stats = CallStats()
+        try:
+            result = call_with_retry(
+                attempt,
+                policy=self.policy,
+                should_retry=should_retry,
+                budget=self.budget,
+                sleep=self._sleep,
+                stats=stats,
+                what=what,
+            )
+        except BaseException as exc:
+            metrics.incr("retry_attempts", stats.retries)
+            metrics.error(classify(exc).value)
+            raise
+        if stats.retries:
+            metrics.incr("retry_attempts", stats.retries)
+        return result
+
+    def _attempt(
+        self, body: Callable[[HostState], T], host_box: list[HostState] | None = None
+    ) -> T:
+        host, permit = self._choose_host()
+        if host_box is not None:
+            host_box.append(host)
+        try:
+            result = body(host)
+        except BaseException as exc:
+            kind = classify(exc)
+            if counts_for_breaker(kind):
+                permit.failure(exc)
+                self._note_failure(host, exc)
+            else:
+                permit.neutral()
+                if kind is not ErrorKind.LOCAL:
+                    self._mark_success()  # the server answered
+            raise
+        permit.success()
+        self._mark_success()
+        return result
+
+    def _choose_host(self) -> tuple[HostState, Any]:
+        """The first host, in strategy order, whose breaker admits a call."""
+        refused: CircuitOpenError | None = None
+        for host in self._host_order():
+            try:
+                return host, host.breaker.acquire()
+            except CircuitOpenError as err:
+                refused = refused or err
+        assert refused is not None
+        raise refused
+
+    def _host_order(self) -> Sequence[HostState]:
+        hosts = self.hosts
+        if len(hosts) == 1:
+            return hosts
+        strategy = self.config.load_balancing
+        if strategy == "round_robin":
+            start = next(self._rr) % len(hosts)
+            return hosts[start:] + hosts[:start]
+        if strategy == "random":
+            return random.sample(hosts, len(hosts))
+        if strategy == "least_loaded":
+            return sorted(hosts, key=lambda h: h.pool.status()["checked_out"])
+        return hosts
+
+    def _note_failure(self, host: HostState, exc: BaseException) -> None:
+        with self._lock:
+            self._consecutive_failures += 1
+        log.warning(
+            "clickhouse_call_failed",
+            host=host.label,
+            error=describe(exc),
+            consecutive_failures=self._consecutive_failures,
+        )
+        if all(h.breaker.state is CircuitState.OPEN for h in self.hosts):
+            self.connection_state = "unhealthy"
+        else:
+            self.connection_state = "degraded"
+
+    def _mark_success(self) -> None:
+        if self._consecutive_failures:
+            with self._lock:
+                self._consecutive_failures = 0
+        if self.connection_state != "healthy" and not self._closed.is_set():
+            self.connection_state = "healthy"
+        self.metrics_registry.success()
+
+    def _sleep(self, seconds: float) -> bool:
+        return not self._closed.wait(seconds)
+
+    def _on_transition(self, name: str, old: CircuitState, new: CircuitState) -> None:
+        if new is CircuitState.OPEN and all(
+            h.breaker.state is CircuitState.OPEN for h in getattr(self, "hosts", [])
+        ):
+            self.connection_state = "unhealthy"
+
+    # -- operations -------------------------------------------------------------------
+    def reconnect(self) -> dict[str, Any]:
+        """Drop every pooled connection, reset the breakers and check each host once."""
+        self._check_open()
+        results: dict[str, dict[str, Any]] = {}
+        for host in self.hosts:
+            host.pool.recreate()
+            host.breaker.reset()
+            started = time.monotonic()
+            try:
+                with host.pool.connection(self.policy.timeout_per_attempt) as conn:
+                    conn.client.execute("SELECT 1")
+                results[host.label] = {"ok": True, "seconds": round(time.monotonic() - started, 4)}
+                self._mark_success()
+            except Exception as exc:
+                results[host.label] = {"ok": False, "error": describe(exc)}
+        return {"reconnected": all(r["ok"] for r in results.values()), "hosts": results}
+
+    def metrics(self) -> dict[str, Any]:
+        """Counters and gauges (see design.md for the keys)."""
+        out = self.metrics_registry.counters()
+        stats = [h.pool.stats for h in self.hosts]
+        gauges = [h.pool.status() for h in self.hosts]
+        primary = self.hosts[0].breaker
+        last = self.metrics_registry.last_success_wall
+        out.update(
+            connection_attempts=sum(s.connect_attempts for s in stats),
+            successful_connections=sum(s.connects for s in stats),
+            failed_connections=sum(s.connect_failures for s in stats),
+            pool_hits=sum(s.hits for s in stats),
+            pool_misses=sum(s.misses for s in stats),
+            pool_invalidations=sum(s.invalidations for s in stats),
+            circuit_breaker_opens=sum(h.breaker.opens_total for h in self.hosts),
+            circuit_breaker_state=primary.state.value,
+            connection_state=self.connection_state,
+            consecutive_failures=self._consecutive_failures,
+            last_successful_connection=(
+                None if last is None else time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(last))
+            ),
+            checked_out=sum(g["checked_out"] for g in gauges),
+            idle=sum(g["idle"] for g in gauges),
+            overflow=sum(g["overflow"] for g in gauges),
+            retry_budget_tokens=round(self.budget.tokens, 2),
+            retry_budget_exhausted=self.budget.exhausted_total,
+            pending_batches=0,
+            pending_rows=0,
+            hosts={
+                h.label: {"circuit_breaker_state": h.breaker.state.value, **h.pool.status()}
+                for h in self.hosts
+            },
+        )
+        return out
+
+    def health(self) -> dict[str, Any]:
+        """A summary of the connection's state, cheap enough for every health request."""
+        states = [h.breaker.state for h in self.hosts]
+        if (
+            self._closed.is_set()
+            or self.connection_state == "unhealthy"
+            or all(s is CircuitState.OPEN for s in states)
+        ):
+            status = "unhealthy"
+        elif self.connection_state != "healthy" or any(
+            s is not CircuitState.CLOSED for s in states
+        ):
+            status = "degraded"
+        else:
+            status = "healthy"
+        return {
+            "status": status,
+            "connection_state": self.connection_state,
+            "target": self.config.safe_url(),
+            "hosts": {h.label: h.breaker.snapshot() for h in self.hosts},
+            "pool": {h.label: h.pool.status() for h in self.hosts},
+        }
+
+
+_END = object()
+
+
+def _run_on(host: HostState, timeout: float, run: Callable[[PooledConnection], T]) -> T:
+    with host.pool.connection(timeout) as conn:
+        return run(conn)
+
+
+def _wait_reason(exc: BaseException) -> str:
+    text = describe(exc)
+    low = text.lower()
+    if "refused" in low:
+        return f"connection refused: {text}"
+    if "timed out" in low or "timeout" in low:
+        return f"timeout: {text}"
+    if "name or service not known" in low or "nodename" in low or "resolve" in low:
+        return f"DNS: {text}"
+    return text

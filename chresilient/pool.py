@@ -1,0 +1,319 @@
+"""A SQLAlchemy ``QueuePool`` of clickhouse-driver connections with a cheap liveness check.
+
+The pool holds :class:`PooledConnection` objects, each wrapping one driver ``Client`` with
+one socket. The driver pings the server before *every* query; here that ping is replaced
+by a non-blocking peek at the socket for connections used recently, and a real ping only
+after a connection sat idle longer than ``ping_after_idle``.
+"""
+
+from __future__ import annotations
+
+import select
+import socket
+import threading
+import time
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager, suppress
+from dataclasses import dataclass, field
+from typing import Any
+
+import structlog
+from clickhouse_driver import Client
+from clickhouse_driver.connection import Connection
+from clickhouse_driver.errors import ServerException
+from sqlalchemy import event
+from sqlalchemy import exc as sa_exc
+from sqlalchemy.pool import ConnectionPoolEntry, PoolProxiedConnection, QueuePool
+
+from .config import Config, HostPort
+from .errors import PoolTimeoutError, describe
+
+log = structlog.get_logger("chresilient.pool")
+
+# Longest wait for the driver's own ping of an idle connection.
+PING_TIMEOUT = 5.0
+
+
+class _NoPingConnection(Connection):  # type: ignore[misc]
+    """A driver connection that does not ping before every query.
+
+    The pool checks liveness on checkout instead (see :meth:`PooledConnection.is_alive`);
+    a closed connection still reconnects, as in the driver.
+    """
+
+    def force_connect(self) -> None:
+        self.check_query_execution()
+        if not self.connected:
+            self.connect()
+
+
+@dataclass
+class ServerInfo:
+    """What one server said about itself when a connection was made."""
+
+    name: str = ""
+    version: tuple[int, ...] = ()
+    revision: int = 0
+    timezone: str = ""
+    display_name: str = ""
+
+    @property
+    def version_string(self) -> str:
+        return ".".join(str(v) for v in self.version)
+
+
+class PooledConnection:
+    """One pooled driver ``Client`` and when it was last used."""
+
+    def __init__(self, client: Client, address: HostPort) -> None:
+        self.client = client
+        self.address = address
+        self.created = time.monotonic()
+        self.last_used = self.created
+
+    @property
+    def connection(self) -> Connection:
+        return self.client.connection
+
+    def set_timeout(self, seconds: float) -> None:
+        """Bound every socket read and write of the next attempt."""
+        conn = self.connection
+        conn.send_receive_timeout = seconds
+        conn.sync_request_timeout = min(seconds, PING_TIMEOUT)
+        sock = conn.socket
+        if sock is not None:
+            sock.settimeout(seconds)
+
+    def is_alive(self, ping_after_idle: float) -> bool:
+        """Peek at the socket; ping only when the connection sat idle a long time.
+
+        A socket peek costs microseconds and sees a server that closed or was killed
+        (EOF or stray bytes make the socket readable). It cannot see a frozen server; only
+        the per-attempt timeout catches that.
+        """
+        conn = self.connection
+        sock = conn.socket
+        if not conn.connected or sock is None:
+            return False
+        if _socket_is_readable(sock):
+            return False  # EOF, reset, or bytes nobody asked for
+        if time.monotonic() - self.last_used < ping_after_idle:
+            return True
+        try:
+            return bool(conn.ping())
+        except Exception:
+            return False
+
+    def close(self) -> None:
+        """Called by the pool when the connection is discarded."""
+        with suppress(Exception):
+            self.client.disconnect()
+
+    def rollback(self) -> None:
+        """ClickHouse has no transactions; the pool's reset-on-return is a no-op."""
+
+
+def _socket_is_readable(sock: socket.socket) -> bool:
+    # select() with a zero timeout never blocks, whatever timeout the socket has;
+    # recv(MSG_PEEK) on a socket with a timeout would wait that long first.
+    try:
+        readable, _, errored = select.select([sock], [], [sock], 0)
+    except (OSError, ValueError):
+        return True
+    return bool(readable or errored)
+
+
+def make_client(cfg: Config, address: HostPort, timeout: float) -> Client:
+    """A driver ``Client`` for one host whose connection skips the per-query ping."""
+    host, port = address
+    kwargs: dict[str, Any] = dict(
+        host=host,
+        port=port,
+        user=cfg.user,
+        password=cfg.password,
+        database=cfg.database,
+        secure=cfg.secure,
+        verify=cfg.verify,
+        client_name=cfg.client_name,
+        compression=cfg.compression,
+        connect_timeout=min(cfg.pool.connect_timeout, timeout),
+        send_receive_timeout=timeout,
+        sync_request_timeout=min(PING_TIMEOUT, timeout),
+    )
+    if cfg.ca_certs:
+        kwargs["ca_certs"] = cfg.ca_certs
+    client = Client(settings=dict(cfg.settings), **kwargs)
+    connection = _NoPingConnection(**kwargs)
+    connection.context.settings = client.settings
+    connection.context.client_settings = client.client_settings
+    client.connections.clear()
+    client.connection = connection
+    return client
+
+
+@dataclass
+class PoolStats:
+    """Counters fed by the pool's events."""
+
+    connect_attempts: int = 0
+    connect_failures: int = 0
+    connects: int = 0
+    checkouts: int = 0
+    hits: int = 0
+    misses: int = 0
+    invalidations: int = 0
+    lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def bump(self, **deltas: int) -> None:
+        with self.lock:
+            for name, delta in deltas.items():
+                setattr(self, name, getattr(self, name) + delta)
+
+
+class HostPool:
+    """The connection pool for one ClickHouse host."""
+
+    def __init__(
+        self,
+        cfg: Config,
+        address: HostPort,
+    ) -> None:
+        self.cfg = cfg
+        self.address = address
+        self.stats = PoolStats()
+        self.server_info: ServerInfo | None = None
+        self.features: Mapping[str, bool] = {}
+        self._pool = self._new_pool()
+
+    @property
+    def label(self) -> str:
+        host, port = self.address
+        return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+    def _create(self) -> PooledConnection:
+        self.stats.bump(connect_attempts=1)
+        client = make_client(self.cfg, self.address, self.cfg.retry.timeout_per_attempt)
+        try:
+            client.connection.connect()
+        except BaseException:
+            self.stats.bump(connect_failures=1)
+            raise
+        return PooledConnection(client, self.address)
+
+    def _new_pool(self) -> QueuePool:
+        pcfg = self.cfg.pool
+        pool = QueuePool(
+            self._create,  # type: ignore[arg-type]  # any object with close() will do
+            pool_size=pcfg.pool_size,
+            max_overflow=pcfg.max_connections - pcfg.pool_size,
+            timeout=pcfg.connection_timeout,
+            recycle=int(pcfg.pool_recycle_time),
+            use_lifo=True,
+            reset_on_return=None,
+        )
+        event.listen(pool, "connect", self._on_pool_connect)
+        event.listen(pool, "checkout", self._on_checkout)
+        event.listen(pool, "invalidate", self._on_invalidate)
+        return pool
+
+    # -- pool events ------------------------------------------------------------------
+    def _on_pool_connect(self, dbapi_conn: PooledConnection, record: ConnectionPoolEntry) -> None:
+        record.info["fresh"] = True
+        info = dbapi_conn.connection.server_info
+        server = ServerInfo(
+            name=str(info.name),
+            version=tuple(info.version_tuple()),
+            revision=int(info.revision),
+            timezone=str(info.timezone or ""),
+            display_name=str(getattr(info, "display_name", "") or ""),
+        )
+        previous, self.server_info = self.server_info, server
+        if previous is None or previous.revision != server.revision or not self.features:
+            # Once per host (and again after an upgrade): which optional features exist.
+            self.features = server_features(dbapi_conn)
+        self.stats.bump(connects=1)
+
+    def _on_checkout(
+        self, dbapi_conn: PooledConnection, record: ConnectionPoolEntry, proxy: Any
+    ) -> None:
+        if record.info.pop("fresh", False):
+            self.stats.bump(checkouts=1, misses=1)
+            return
+        if not dbapi_conn.is_alive(self.cfg.pool.ping_after_idle):
+            # The server closed the socket: most likely it restarted, so every
+            # connection made before now is stale. Recycle them all at once.
+            raise sa_exc.InvalidatePoolError("stale connection found on checkout")
+        self.stats.bump(checkouts=1, hits=1)
+
+    def _on_invalidate(
+        self, dbapi_conn: Any, record: ConnectionPoolEntry, exception: BaseException | None
+    ) -> None:
+        self.stats.bump(invalidations=1)
+
+    # -- use --------------------------------------------------------------------------
+    @contextmanager
+    def connection(self, timeout: float) -> Iterator[PooledConnection]:
+        """Check out a live connection bounded by ``timeout``; discard it if the body fails.
+
+        A connection is returned to the pool only when the body finished cleanly.
+        """
+        try:
+            fairy = self._pool.connect()
+        except sa_exc.TimeoutError as err:
+            raise PoolTimeoutError(
+                f"no free connection to {self.label} within "
+                f"{self.cfg.pool.connection_timeout:.1f}s "
+                f"(pool_size={self.cfg.pool.pool_size}, "
+                f"max_connections={self.cfg.pool.max_connections})"
+            ) from err
+        except sa_exc.InvalidRequestError as err:  # reconnect attempts exhausted on checkout
+            raise ConnectionError(f"could not get a live connection to {self.label}") from err
+        conn: PooledConnection = fairy.dbapi_connection  # type: ignore[assignment]
+        ok = False
+        try:
+            conn.set_timeout(timeout)
+            yield conn
+            ok = True
+        finally:
+            conn.last_used = time.monotonic()
+            _release(fairy, ok)
+
+    def status(self) -> dict[str, int]:
+        """Pool gauges: size, checked out, idle, overflow."""
+        pool = self._pool
+        return {
+            "size": pool.size(),
+            "checked_out": pool.checkedout(),
+            "idle": pool.checkedin(),
+            "overflow": max(pool.overflow(), 0),
+            "max_connections": self.cfg.pool.max_connections,
+        }
+
+    def dispose(self) -> None:
+        """Close every idle connection; checked-out ones close when returned."""
+        self._pool.dispose()
+
+    def recreate(self) -> None:
+        """Replace the pool by a fresh one (used by reconnect)."""
+        old = self._pool
+        self._pool = self._new_pool()
+        old.dispose()
+
+
+def _release(fairy: PoolProxiedConnection, ok: bool) -> None:
+    if not ok:
+        fairy.invalidate()
+    fairy.close()
+
+
+def server_features(conn: PooledConnection) -> Mapping[str, bool]:
+    """Ask the server which optional features it has (one query per host)."""
+    try:
+        rows = conn.client.execute(
+            "SELECT name FROM system.settings WHERE name IN ('insert_deduplication_token')"
+        )
+    except ServerException as err:  # e.g. a user without access to system tables
+        log.warning("feature_detection_failed", host=conn.address[0], error=describe(err))
+        rows = []
+    names = {row[0] for row in rows}
+    return {"insert_deduplication_token": "insert_deduplication_token" in names}

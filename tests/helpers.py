@@ -1,0 +1,218 @@
+"""Shared helpers for tests that need a real ClickHouse server.
+
+Imported by conftest.py and by test modules (``from helpers import ...``; the tests
+directory has no __init__.py, so pytest puts it on sys.path).
+"""
+
+from __future__ import annotations
+
+import gc
+import os
+import shutil
+import socket
+import subprocess
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+from urllib.parse import quote, unquote, urlparse
+
+import pytest
+from clickhouse_driver import Client, errors
+
+from chresilient.testing.server import LocalClickHouse, LocalClickHouseError
+
+ENV_URL = "CLICKHOUSE_TEST_URL"
+
+HOW_TO_GET_A_SERVER = (
+    "These tests need a real ClickHouse server and none is available. Either install "
+    "one locally (`apt-get install -y clickhouse-server`; the tests start and stop it "
+    f"themselves), run a Docker engine (docker/docker-compose.yml is used), or set "
+    f"{ENV_URL}=clickhouse://user:password@host:9000/default."
+)
+
+FAULTS_NEED_LOCAL = (
+    "This test injects faults (kill/freeze/restart) and needs a private local "
+    "clickhouse-server binary, which an external server from "
+    f"{ENV_URL} or Docker cannot replace. Install it with "
+    "`apt-get install -y clickhouse-server`."
+)
+
+#: What a client may raise when the network or the server goes away under it.
+#: clickhouse-driver wraps connect errors (NetworkError/SocketTimeoutError) but lets
+#: errors on an established socket escape raw (ConnectionResetError, EOFError, ...).
+NETWORK_ERRORS: tuple[type[BaseException], ...] = (
+    errors.NetworkError,
+    errors.SocketTimeoutError,
+    EOFError,
+    OSError,
+)
+
+
+@dataclass
+class ClickHouseEndpoint:
+    """Where the session server lives, however it was obtained."""
+
+    host: str
+    port: int
+    http_port: int | None
+    user: str = "default"
+    password: str = field(default="", repr=False)
+    database: str = "default"
+    source: str = "local"  # "env" | "docker" | "local"
+    local: LocalClickHouse | None = None
+
+    @property
+    def fault_control(self) -> bool:
+        return self.local is not None
+
+    @property
+    def url(self) -> str:
+        """clickhouse-driver URL (contains the password, if any: do not log it)."""
+        auth = quote(self.user, safe="")
+        if self.password:
+            auth += ":" + quote(self.password, safe="")
+        return f"clickhouse://{auth}@{self.host}:{self.port}/{self.database}"
+
+    def client(self, **kwargs: Any) -> Client:
+        kwargs.setdefault("user", self.user)
+        kwargs.setdefault("password", self.password)
+        kwargs.setdefault("database", self.database)
+        return Client(self.host, port=self.port, **kwargs)
+
+    def require_fault_control(self) -> LocalClickHouse:
+        """The underlying LocalClickHouse; fails the test (never skips) if there is none."""
+        if self.local is None:
+            pytest.fail(f"{FAULTS_NEED_LOCAL} (session server comes from {self.source})")
+        return self.local
+
+    # Fault methods, for completeness.  The session server is shared: a test that uses
+    # these must leave it running and thawed.  Prefer the `clickhouse_server` fixture.
+    def kill(self) -> None:
+        self.require_fault_control().kill()
+
+    def restart(self) -> None:
+        self.require_fault_control().restart()
+
+    def freeze(self) -> None:
+        self.require_fault_control().freeze()
+
+    def thaw(self) -> None:
+        self.require_fault_control().thaw()
+
+
+def endpoint_from_url(url: str) -> ClickHouseEndpoint:
+    parsed = urlparse(url)
+    if parsed.scheme not in ("clickhouse", "clickhouses") or not parsed.hostname:
+        pytest.fail(f"{ENV_URL} must look like clickhouse://user:password@host:9000/db")
+    default_port = 9440 if parsed.scheme == "clickhouses" else 9000
+    return ClickHouseEndpoint(
+        host=parsed.hostname,
+        port=parsed.port or default_port,
+        http_port=None,
+        user=unquote(parsed.username) if parsed.username else "default",
+        password=unquote(parsed.password) if parsed.password else "",
+        database=parsed.path.lstrip("/") or "default",
+        source="env",
+    )
+
+
+def docker_available(timeout: float = 5.0) -> bool:
+    """True if a Docker engine answers `docker info` quickly."""
+    docker = shutil.which("docker")
+    if docker is None:
+        return False
+    try:
+        result = subprocess.run(
+            [docker, "info"],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            timeout=timeout,
+            check=False,
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+    return result.returncode == 0
+
+
+def start_local_server(**kwargs: Any) -> LocalClickHouse:
+    """A started LocalClickHouse, or a test failure explaining how to get one."""
+    try:
+        server = LocalClickHouse(**kwargs)
+    except LocalClickHouseError as exc:
+        pytest.fail(f"{exc}\n{HOW_TO_GET_A_SERVER}", pytrace=False)
+    try:
+        server.start()
+    except LocalClickHouseError as exc:
+        server.cleanup(graceful=False)
+        pytest.fail(f"local clickhouse-server failed to start: {exc}", pytrace=False)
+    return server
+
+
+def fast_client(host: str, port: int, timeout: float = 1.0, **kwargs: Any) -> Client:
+    """A client whose connect/read/ping timeouts are short, so fault tests never hang."""
+    kwargs.setdefault("connect_timeout", timeout)
+    kwargs.setdefault("send_receive_timeout", timeout)
+    kwargs.setdefault("sync_request_timeout", timeout)
+    return Client(host, port=port, **kwargs)
+
+
+def tcp_connections(client: Client) -> int:
+    """Native-protocol connections the server currently has open (including `client`'s)."""
+    rows = client.execute("SELECT value FROM system.metrics WHERE metric = 'TCPConnection'")
+    return int(rows[0][0])
+
+
+#: Alias (name used by test_core.py).
+server_tcp_connections = tcp_connections
+
+
+def settled_tcp_connections(client: Client, timeout: float = 5.0) -> int:
+    """`tcp_connections` once stable: unreferenced clients of earlier tests are collected
+    first, and the count must read the same twice, 100 ms apart."""
+    gc.collect()
+    deadline = time.monotonic() + timeout
+    last = tcp_connections(client)
+    while time.monotonic() < deadline:
+        time.sleep(0.1)
+        now = tcp_connections(client)
+        if now == last:
+            return now
+        last = now
+    return last
+
+
+def wait_until(
+    predicate: Callable[[], bool], timeout: float = 5.0, interval: float = 0.05, what: str = ""
+) -> None:
+    """Poll `predicate` until true; fail the test after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        if predicate():
+            return
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out after {timeout}s waiting for {what or predicate!r}")
+        time.sleep(interval)
+
+
+def port_refuses(host: str, port: int, timeout: float = 1.0) -> bool:
+    """True if a TCP connect to host:port is refused (nothing listening)."""
+    try:
+        with socket.create_connection((host, port), timeout=timeout):
+            return False
+    except ConnectionRefusedError:
+        return True
+
+
+def pid_alive(pid: int) -> bool:
+    """True if `pid` exists and is not a zombie."""
+    try:
+        with open(f"/proc/{pid}/stat", encoding="ascii") as f:
+            state = f.read().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, ProcessLookupError, IndexError):
+        return False
+    return state != "Z"
+
+
+def env_url() -> str | None:
+    return os.environ.get(ENV_URL) or None

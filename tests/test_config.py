@@ -1,0 +1,224 @@
+"""Config: defaults, env and URL parsing, validation naming the field, redaction."""
+
+from __future__ import annotations
+
+import contextlib
+import string
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from chresilient import CircuitBreakerConfig, Config, ConfigError, ConnectionPoolConfig, RetryConfig
+from chresilient.config import ENV_VARS
+
+PASSWORD = "p@ss:w/rd#1 \n"
+
+
+def test_seed_defaults() -> None:
+    cfg = Config()
+    assert (cfg.host, cfg.port, cfg.user, cfg.password, cfg.database) == (
+        "localhost",
+        9000,
+        "default",
+        "",
+        "default",
+    )
+    assert cfg.retry == RetryConfig(
+        max_attempts=5,
+        initial_delay=1.0,
+        max_delay=30.0,
+        exponential_base=2.0,
+        jitter=True,
+        timeout_per_attempt=15.0,
+    )
+    assert (
+        cfg.pool.pool_size,
+        cfg.pool.max_connections,
+        cfg.pool.connection_timeout,
+        cfg.pool.pool_recycle_time,
+        cfg.pool.health_check_interval,
+    ) == (5, 10, 30, 3600, 60)
+    assert cfg.breaker == CircuitBreakerConfig(5, 30, 3)
+
+
+def test_password_is_redacted_everywhere() -> None:
+    cfg = Config(user="u", password=PASSWORD)
+    for text in (repr(cfg), str(cfg), cfg.safe_url(), repr(cfg.replace(port=1))):
+        assert PASSWORD not in text
+        assert "p@ss" not in text
+    assert "***" in cfg.safe_url()
+
+
+def test_from_url_full() -> None:
+    cfg = Config.from_url(
+        "clickhouses://us%40er:p%40ss%3Aw%2Frd@h1:9440,[::1]:9441/analytics"
+        "?verify=false&alt_hosts=h3:9442&load_balancing=round_robin"
+    )
+    assert cfg.user == "us@er"
+    assert cfg.password == "p@ss:w/rd"
+    assert cfg.secure is True and cfg.verify is False
+    assert cfg.hosts == (("h1", 9440), ("::1", 9441), ("h3", 9442))
+    assert cfg.database == "analytics"
+    assert cfg.load_balancing == "round_robin"
+
+
+def test_from_url_defaults_port_and_database() -> None:
+    cfg = Config.from_url("clickhouse://example")
+    assert (cfg.host, cfg.port, cfg.database, cfg.user, cfg.secure) == (
+        "example",
+        9000,
+        "default",
+        "default",
+        False,
+    )
+
+
+@pytest.mark.parametrize(
+    ("url", "field"),
+    [
+        ("http://h:9000", "url"),
+        ("clickhouse://h:notaport", "url"),
+        ("clickhouse://h:70000", "url"),
+        ("clickhouse://", "url"),
+        ("clickhouse://h/db?bogus=1", "url parameter 'bogus'"),
+        ("clickhouse://h/db?secure=maybe", "url parameter 'secure'"),
+        ("clickhouse://h/db?load_balancing=nearest", "load_balancing"),
+    ],
+)
+def test_from_url_rejects_bad_input(url: str, field: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        Config.from_url(url)
+    assert info.value.field == field
+    assert isinstance(info.value, ValueError)
+
+
+def test_from_env_parts_and_sections() -> None:
+    env = {
+        "CLICKHOUSE_HOST": "db",
+        "CLICKHOUSE_PORT": "9001",
+        "CLICKHOUSE_USER": "app",
+        "CLICKHOUSE_PASSWORD": PASSWORD,
+        "CLICKHOUSE_DB": "events",
+        "CLICKHOUSE_SECURE": "true",
+        "CLICKHOUSE_ALT_HOSTS": "db2:9002, db3",
+        "CLICKHOUSE_LOAD_BALANCING": "least_loaded",
+        "CLICKHOUSE_RETRY_MAX_ATTEMPTS": "3",
+        "CLICKHOUSE_RETRY_INITIAL_DELAY": "0.5",
+        "CLICKHOUSE_RETRY_MAX_DELAY": "4",
+        "CLICKHOUSE_RETRY_TIMEOUT_PER_ATTEMPT": "2",
+        "CLICKHOUSE_POOL_SIZE": "2",
+        "CLICKHOUSE_POOL_MAX_CONNECTIONS": "4",
+        "CLICKHOUSE_POOL_TIMEOUT": "7",
+        "CLICKHOUSE_POOL_RECYCLE": "600",
+        "CLICKHOUSE_HEALTH_CHECK_INTERVAL": "5",
+        "CLICKHOUSE_BREAKER_FAILURE_THRESHOLD": "2",
+        "CLICKHOUSE_BREAKER_RECOVERY_TIMEOUT": "9",
+        "CLICKHOUSE_BREAKER_HALF_OPEN_MAX_CALLS": "1",
+        "CLICKHOUSE_SPOOL_DIR": "/tmp/spool",
+        "CLICKHOUSE_SPOOL_MAX_BYTES": "1000",
+    }
+    cfg = Config.from_env(env)
+    assert cfg.hosts == (("db", 9001), ("db2", 9002), ("db3", 9000))
+    assert (cfg.user, cfg.password, cfg.database, cfg.secure) == ("app", PASSWORD, "events", True)
+    assert cfg.load_balancing == "least_loaded"
+    assert cfg.retry.max_attempts == 3 and cfg.retry.initial_delay == 0.5
+    assert cfg.retry.max_delay == 4 and cfg.retry.timeout_per_attempt == 2
+    assert cfg.pool == ConnectionPoolConfig(
+        pool_size=2,
+        max_connections=4,
+        connection_timeout=7,
+        pool_recycle_time=600,
+        health_check_interval=5,
+    )
+    assert cfg.breaker == CircuitBreakerConfig(2, 9, 1)
+    assert (cfg.spool_dir, cfg.spool_max_bytes) == ("/tmp/spool", 1000)
+    assert set(env) <= set(ENV_VARS)
+
+
+def test_url_wins_over_parts() -> None:
+    cfg = Config.from_env(
+        {
+            "CLICKHOUSE_URL": "clickhouse://a:b@urlhost:1234/urldb",
+            "CLICKHOUSE_HOST": "ignored",
+            "CLICKHOUSE_PORT": "1",
+        }
+    )
+    assert (cfg.host, cfg.port, cfg.user, cfg.password, cfg.database) == (
+        "urlhost",
+        1234,
+        "a",
+        "b",
+        "urldb",
+    )
+
+
+@pytest.mark.parametrize(
+    ("var", "value"),
+    [
+        ("CLICKHOUSE_PORT", "nine"),
+        ("CLICKHOUSE_PORT", "0"),
+        ("CLICKHOUSE_SECURE", "perhaps"),
+        ("CLICKHOUSE_ALT_HOSTS", "h:x"),
+        ("CLICKHOUSE_LOAD_BALANCING", "fastest"),
+        ("CLICKHOUSE_RETRY_MAX_ATTEMPTS", "0"),
+        ("CLICKHOUSE_RETRY_INITIAL_DELAY", "-1"),
+        ("CLICKHOUSE_RETRY_TIMEOUT_PER_ATTEMPT", "nan"),
+        ("CLICKHOUSE_POOL_SIZE", "2.5"),
+        ("CLICKHOUSE_POOL_MAX_CONNECTIONS", "3"),
+        ("CLICKHOUSE_POOL_TIMEOUT", "0"),
+        ("CLICKHOUSE_BREAKER_FAILURE_THRESHOLD", "none"),
+        ("CLICKHOUSE_SPOOL_MAX_BYTES", "-5"),
+        ("CLICKHOUSE_URL", "mysql://x"),
+    ],
+)
+def test_from_env_names_the_bad_variable(var: str, value: str) -> None:
+    env = {var: value}
+    if var == "CLICKHOUSE_POOL_MAX_CONNECTIONS":
+        env["CLICKHOUSE_POOL_SIZE"] = "5"
+    with pytest.raises(ConfigError) as info:
+        Config.from_env(env)
+    assert info.value.field == var
+    assert var in str(info.value)
+
+
+def test_bad_password_value_is_not_echoed() -> None:
+    with pytest.raises(ConfigError) as info:
+        Config.from_env({"CLICKHOUSE_PASSWORD": PASSWORD, "CLICKHOUSE_PORT": "x"})
+    assert PASSWORD.strip() not in str(info.value)
+
+
+def test_keyword_validation_names_field() -> None:
+    with pytest.raises(ConfigError, match=r"pool\.max_connections"):
+        ConnectionPoolConfig(pool_size=5, max_connections=2)
+    with pytest.raises(ConfigError, match=r"retry\.max_delay"):
+        RetryConfig(initial_delay=5, max_delay=1)
+    with pytest.raises(ConfigError, match="port"):
+        Config(port=0)
+    with pytest.raises(ConfigError, match="host"):
+        Config(host="bad host")
+    with pytest.raises(ConfigError, match="alt_hosts"):
+        Config(alt_hosts=("h:1", 5))  # type: ignore[arg-type]
+
+
+_env_text = st.text(alphabet=string.printable + "äé€", max_size=12)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.dictionaries(st.sampled_from(ENV_VARS), _env_text, max_size=6))
+def test_any_environment_builds_config_or_names_the_variable(env: dict[str, str]) -> None:
+    try:
+        cfg = Config.from_env(env)
+    except ConfigError as err:
+        assert err.field in ENV_VARS, err.field
+    else:
+        assert isinstance(cfg, Config)
+        assert "password" not in repr(cfg)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.text(max_size=40))
+def test_any_url_builds_config_or_raises_config_error(tail: str) -> None:
+    for url in (tail, "clickhouse://" + tail):
+        with contextlib.suppress(ConfigError):
+            Config.from_url(url)

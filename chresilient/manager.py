@@ -15,7 +15,7 @@ import types
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass
-from typing import Any, Callable, TypeVar
+from typing import Any, Callable, Protocol, TypeVar
 
 import structlog
 
@@ -44,9 +44,19 @@ T = TypeVar("T")
 log = structlog.get_logger("chresilient")
 
 DEDUP_SETTING = "insert_deduplication_token"
+# close() gives background threads this long, all together, to stop.
+SERVICE_STOP_TIMEOUT = 1.0
 # The startup gate retries at least this often, so the backend comes up soon after
 # ClickHouse is ready, and at most twice a second, so it does not hammer a booting server.
 STARTUP_MAX_STEP = 0.5
+
+
+class BackgroundService(Protocol):
+    """A thread the manager owns: started after the startup gate, stopped by close()."""
+
+    def start(self) -> None: ...
+
+    def stop(self, timeout: float) -> None: ...
 
 
 @dataclass
@@ -94,6 +104,9 @@ class ClickHouseConnectionManager:
         self.connection_state = "connecting"
         self._consecutive_failures = 0
         self.started = False
+        # Background threads (health monitor, spool replayer): started by start() once
+        # the gate passed (or gave up with required=False), stopped by close().
+        self.services: list[BackgroundService] = []
 
     # -- lifecycle --------------------------------------------------------------------
     def start(self, wait: bool = True, timeout: float = 60.0, required: bool = True) -> None:
@@ -104,16 +117,20 @@ class ClickHouseConnectionManager:
         the manager starts degraded and keeps serving (and retrying) as calls come.
         """
         self._check_open()
-        self.started = True
-        if not wait:
-            return
-        try:
-            self.wait_until_ready(timeout)
-        except StartupTimeoutError:
-            if required:
-                raise
-            self.connection_state = "unhealthy"
-            log.warning("startup_degraded", timeout=timeout, target=self.config.safe_url())
+        if wait:
+            try:
+                self.wait_until_ready(timeout)
+            except StartupTimeoutError:
+                if required:
+                    raise
+                self.connection_state = "unhealthy"
+                log.warning("startup_degraded", timeout=timeout, target=self.config.safe_url())
+        with self._lock:
+            if self.started:
+                return
+            self.started = True
+        for service in self.services:
+            service.start()
 
     def wait_until_ready(self, timeout: float) -> float:
         """Block until a host answers; returns the seconds waited. See :meth:`start`."""
@@ -185,6 +202,9 @@ class ClickHouseConnectionManager:
         if self._closed.is_set():
             return
         self._closed.set()
+        deadline = Deadline(SERVICE_STOP_TIMEOUT)
+        for service in self.services:
+            service.stop(timeout=max(deadline.remaining(), 0.05))
         for host in self.hosts:
             host.pool.dispose()
         self.connection_state = "closed"

@@ -177,9 +177,11 @@ class HostPool:
         self,
         cfg: Config,
         address: HostPort,
+        connection_class: type[PooledConnection] = PooledConnection,
     ) -> None:
         self.cfg = cfg
         self.address = address
+        self.connection_class = connection_class
         self.stats = PoolStats()
         self.server_info: ServerInfo | None = None
         self.features: Mapping[str, bool] = {}
@@ -198,7 +200,7 @@ class HostPool:
         except BaseException:
             self.stats.bump(connect_failures=1)
             raise
-        return PooledConnection(client, self.address)
+        return self.connection_class(client, self.address)
 
     def _new_pool(self) -> QueuePool:
         pcfg = self.cfg.pool
@@ -277,6 +279,11 @@ class HostPool:
         finally:
             conn.last_used = time.monotonic()
             _release(fairy, ok)
+
+    @property
+    def queue_pool(self) -> QueuePool:
+        """The underlying SQLAlchemy pool (for an engine that should share it)."""
+        return self._pool
 
     def status(self) -> dict[str, int]:
         """Pool gauges: size, checked out, idle, overflow."""

@@ -1,0 +1,324 @@
+"""The benchmark scenarios. Each returns rows for the results table.
+
+Every figure that compares speed is a ratio against the bare clickhouse-driver ``Client``
+measured in the same run, by :func:`benchmarks.timing.interleaved`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import statistics
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import sqlalchemy as sa
+from clickhouse_driver import Client
+
+from chresilient import (
+    CircuitBreakerConfig,
+    CircuitOpenError,
+    ClickHouseConnectionManager,
+    Config,
+    ConnectionPoolConfig,
+    RetryConfig,
+)
+from chresilient.sqlalchemy import create_engine as chresilient_engine
+from chresilient.testing.server import LocalClickHouse
+
+from .timing import interleaved
+
+
+@dataclass(frozen=True)
+class Row:
+    """One line of the results table."""
+
+    scenario: str
+    candidate: str
+    figure: str
+    ratio: float | None = None
+    target: str = ""
+    met: bool | None = None
+    note: str = ""
+
+
+@dataclass(frozen=True)
+class Size:
+    """How long to run: ``quick`` is the smoke run of the test suite."""
+
+    select1_rounds: int
+    rows_rounds: int
+    concurrency_seconds: float
+    failfast_calls: int
+    frozen_calls: int
+    frozen_cap: float
+
+    @classmethod
+    def full(cls) -> Size:
+        return cls(3000, 200, 5.0, 2000, 3, 2.0)
+
+    @classmethod
+    def quick(cls) -> Size:
+        return cls(30, 5, 0.3, 50, 1, 0.5)
+
+
+def _config(server: LocalClickHouse, **changes: Any) -> Config:
+    return Config(host=server.host, port=server.port, **changes)
+
+
+def _bare(server: LocalClickHouse, **kwargs: Any) -> Client:
+    return Client(server.host, port=server.port, **kwargs)
+
+
+@contextmanager
+def _candidates(server: LocalClickHouse) -> Iterator[dict[str, Callable[[str], Any]]]:
+    """Every client under test, each as ``run(query) -> rows``."""
+    from clickhouse_pool import ChPool  # the bench extra
+
+    bare = _bare(server)
+    mgr = ClickHouseConnectionManager(_config(server))
+    ch_pool = ChPool(host=server.host, port=server.port, connections_min=1, connections_max=10)
+    url = f"clickhouse+native://default@{server.host}:{server.port}/default"
+    sa_plain = sa.create_engine(url)
+    sa_ping = sa.create_engine(url, pool_pre_ping=True)
+    ours_sa = chresilient_engine(_config(server))
+
+    def via_pool(query: str) -> Any:
+        with ch_pool.get_client() as client:
+            return client.execute(query)
+
+    def via_engine(engine: sa.Engine) -> Callable[[str], Any]:
+        def run(query: str) -> Any:
+            with engine.connect() as conn:
+                return conn.exec_driver_sql(query).fetchall()
+
+        return run
+
+    try:
+        yield {
+            "bare driver Client": bare.execute,
+            "chresilient": mgr.execute,
+            "clickhouse-pool": via_pool,
+            "SQLAlchemy native": via_engine(sa_plain),
+            "SQLAlchemy native, pool_pre_ping": via_engine(sa_ping),
+            "chresilient.sqlalchemy engine": via_engine(ours_sa),
+        }
+    finally:
+        mgr.close()
+        bare.disconnect()
+        ch_pool.cleanup()
+        for engine in (sa_plain, sa_ping, ours_sa):
+            engine.dispose()
+
+
+def per_call(server: LocalClickHouse, size: Size) -> list[Row]:
+    """Scenario 1: one thread, SELECT 1 and a 10,000-row select."""
+    rows: list[Row] = []
+    queries = [
+        ("SELECT 1", "SELECT 1", size.select1_rounds, 1.0),
+        ("10,000-row select",
+         "SELECT number, toString(number) FROM system.numbers LIMIT 10000",
+         size.rows_rounds, 1.02),
+    ]
+    with _candidates(server) as candidates:
+        for label, query, rounds, target in queries:
+            timings = interleaved({name: (lambda run=run, query=query: run(query))
+                                   for name, run in candidates.items()}, rounds)
+            base = timings["bare driver Client"].median
+            for name, timing in timings.items():
+                ratio = timing.median / base
+                is_ours = name == "chresilient"
+                rows.append(Row(
+                    scenario=f"1. per call: {label}",
+                    candidate=name,
+                    figure=f"median {timing.median * 1e6:.0f} us",
+                    ratio=ratio,
+                    target=f"<= {target:.2f}x" if is_ours else "",
+                    met=(ratio <= target) if is_ours else None,
+                ))
+    return rows
+
+
+def _throughput(
+    worker: Callable[[int, threading.Event], int], threads: int, seconds: float
+) -> tuple[int, list[BaseException]]:
+    stop = threading.Event()
+    counts = [0] * threads
+    errors: list[BaseException] = []
+
+    def run(i: int) -> None:
+        try:
+            counts[i] = worker(i, stop)
+        except BaseException as exc:
+            errors.append(exc)
+
+    pool = [threading.Thread(target=run, args=(i,), daemon=True) for i in range(threads)]
+    for t in pool:
+        t.start()
+    time.sleep(seconds)
+    stop.set()
+    for t in pool:
+        t.join(timeout=30)
+    return sum(counts), errors
+
+
+def concurrency(server: LocalClickHouse, size: Size) -> list[Row]:
+    """Scenario 2: 32 threads on pool 5 / max 10 vs 10 bare clients on 10 threads."""
+    cfg = _config(server, pool=ConnectionPoolConfig(pool_size=5, max_connections=10))
+    mgr = ClickHouseConnectionManager(cfg)
+    observer = _bare(server)
+    baseline = _tcp_connections(observer)
+    peak = [0]
+
+    def ours(_: int, stop: threading.Event) -> int:
+        done = 0
+        while not stop.is_set():
+            mgr.execute("SELECT 1")
+            done += 1
+        return done
+
+    sampling = threading.Event()
+
+    def sample() -> None:  # one thread owns the observer: a driver Client is not thread-safe
+        while not sampling.wait(0.02):
+            peak[0] = max(peak[0], _tcp_connections(observer) - baseline)
+
+    clients = [_bare(server) for _ in range(10)]
+
+    def bare(i: int, stop: threading.Event) -> int:
+        done = 0
+        while not stop.is_set():
+            clients[i].execute("SELECT 1")
+            done += 1
+        return done
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    try:
+        ours_total, ours_errors = _throughput(ours, 32, size.concurrency_seconds)
+        sampling.set()
+        sampler.join(timeout=5)
+        bare_total, bare_errors = _throughput(bare, 10, size.concurrency_seconds)
+    finally:
+        sampling.set()
+        mgr.close()
+        observer.disconnect()
+        for client in clients:
+            client.disconnect()
+    ratio = ours_total / bare_total if bare_total else 0.0
+    per_s = lambda n: f"{n / size.concurrency_seconds:.0f} queries/s"  # noqa: E731
+    return [
+        Row("2. concurrency", "bare driver, 10 clients x 10 threads", per_s(bare_total), 1.0,
+            note=f"errors {len(bare_errors)}"),
+        Row("2. concurrency", "chresilient, 32 threads, pool 5/max 10", per_s(ours_total), ratio,
+            target=">= 0.95x, 0 errors, <= 10 server connections",
+            met=ratio >= 0.95 and not ours_errors and peak[0] <= 10,
+            note=f"errors {len(ours_errors)}, peak server connections {peak[0]}"),
+    ]
+
+
+def fail_fast(server: LocalClickHouse, size: Size) -> list[Row]:
+    """Scenario 3: a call while the breaker is open vs the bare driver on a frozen server."""
+    cfg = _config(
+        server,
+        retry=RetryConfig(max_attempts=1, timeout_per_attempt=size.frozen_cap),
+        breaker=CircuitBreakerConfig(failure_threshold=1, recovery_timeout=3600),
+    )
+    mgr = ClickHouseConnectionManager(cfg)
+    bare = _bare(server, send_receive_timeout=size.frozen_cap,
+                 connect_timeout=size.frozen_cap, sync_request_timeout=size.frozen_cap)
+    bare.execute("SELECT 1")
+    mgr.execute("SELECT 1")
+    server.freeze()
+    try:
+        with contextlib.suppress(Exception):  # expected to fail: it trips the breaker
+            mgr.execute("SELECT 1")
+        refused = []
+        for _ in range(size.failfast_calls):
+            started = time.perf_counter()
+            try:
+                mgr.execute("SELECT 1")
+            except CircuitOpenError:
+                refused.append(time.perf_counter() - started)
+        frozen = []
+        for _ in range(size.frozen_calls):
+            started = time.perf_counter()
+            try:
+                bare.execute("SELECT 1")
+            except Exception:
+                frozen.append(time.perf_counter() - started)
+    finally:
+        server.thaw()
+        mgr.close()
+        bare.disconnect()
+    ordered = sorted(refused)
+    p50 = statistics.median(ordered)
+    p99 = ordered[min(len(ordered) - 1, int(len(ordered) * 0.99))]
+    return [
+        Row("3. fail fast", "chresilient, breaker open", f"p50 {p50 * 1e6:.0f} us, "
+            f"p99 {p99 * 1e6:.0f} us", target="p99 < 1 ms", met=p99 < 0.001,
+            note=f"{len(refused)} calls, all CircuitOpenError"
+            if len(refused) == size.failfast_calls else "not all calls were refused"),
+        Row("3. fail fast", "bare driver, frozen server",
+            f"median {statistics.median(frozen):.2f} s" if frozen else "no timeout",
+            note=f"bounded by this benchmark's cap of {size.frozen_cap:.1f} s per timeout; "
+                 "the driver's defaults are 10 s connect and 300 s send/receive"),
+    ]
+
+
+def startup_gate(server: LocalClickHouse, size: Size) -> list[Row]:
+    """Scenario 5: time from the server answering to ``start()`` returning."""
+    server.stop()
+    mgr = ClickHouseConnectionManager(_config(server))
+    gate_done: list[float] = []
+    ready_at: list[float] = []
+
+    def gate() -> None:
+        mgr.start(wait=True, timeout=60)
+        gate_done.append(time.monotonic())
+
+    def poll() -> None:  # an independent, tight readiness poll: the reference clock
+        probe = _bare(server, connect_timeout=0.2, send_receive_timeout=1)
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            try:
+                probe.execute("SELECT 1")
+            except Exception:
+                time.sleep(0.005)
+                continue
+            ready_at.append(time.monotonic())
+            probe.disconnect()
+            return
+
+    threads = [threading.Thread(target=gate, daemon=True), threading.Thread(target=poll,
+                                                                         daemon=True)]
+    for t in threads:
+        t.start()
+    time.sleep(1.5)
+    server.start()
+    for t in threads:
+        t.join(timeout=60)
+    mgr.close()
+    if not gate_done or not ready_at:
+        return [Row("5. startup gate", "chresilient start(wait=True)", "did not finish",
+                    target="<= 1 s", met=False)]
+    lag = max(0.0, gate_done[0] - ready_at[0])
+    return [Row("5. startup gate", "chresilient start(wait=True)",
+                f"{lag * 1000:.0f} ms after the server answered", target="<= 1 s",
+                met=lag <= 1.0)]
+
+
+def _tcp_connections(client: Client) -> int:
+    rows = client.execute("SELECT value FROM system.metrics WHERE metric = 'TCPConnection'")
+    return int(rows[0][0])
+
+
+SCENARIOS: list[Callable[[LocalClickHouse, Size], list[Row]]] = [
+    per_call,
+    concurrency,
+    fail_fast,
+    startup_gate,
+]

@@ -1,0 +1,25 @@
+"""A tiny run of the benchmark code, so that it cannot rot. Asserts shape, never speed."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from benchmarks.__main__ import main
+
+
+def test_quick_benchmark_run_writes_a_complete_table(tmp_path: Path) -> None:
+    output = tmp_path / "RESULTS.md"
+    assert main(["--quick", "--output", str(output)]) == 0
+    text = output.read_text()
+    for scenario in ("1. per call: SELECT 1", "1. per call: 10,000-row select",
+                     "2. concurrency", "3. fail fast", "5. startup gate"):
+        assert scenario in text
+    for candidate in ("bare driver Client", "chresilient", "clickhouse-pool",
+                      "SQLAlchemy native, pool_pre_ping", "chresilient.sqlalchemy engine"):
+        assert f"| {candidate} |" in text
+    per_call = [line for line in text.splitlines() if line.startswith("| 1. per call")]
+    assert len(per_call) == 12
+    for line in per_call:
+        ratio = line.split("|")[4].strip()
+        assert ratio.endswith("x") and float(ratio[:-1]) > 0
+    assert "ClickHouse server" in text and "did not finish" not in text

@@ -19,6 +19,7 @@ from urllib.parse import quote, unquote, urlparse
 import pytest
 from clickhouse_driver import Client, errors
 
+from chresilient import CircuitBreakerConfig, Config, RetryConfig
 from chresilient.testing.server import LocalClickHouse, LocalClickHouseError
 
 ENV_URL = "CLICKHOUSE_TEST_URL"
@@ -216,3 +217,23 @@ def pid_alive(pid: int) -> bool:
 
 def env_url() -> str | None:
     return os.environ.get(ENV_URL) or None
+
+
+def make_config(server: Any, *, auth: Any = None, **changes: Any) -> Config:
+    """Fast-retrying config for ``server`` (anything with host and port).
+
+    Credentials come from ``auth`` or from ``server`` when it is the session endpoint.
+    """
+    auth = auth if auth is not None else server
+    base: dict[str, Any] = dict(
+        host=server.host,
+        port=server.port,
+        retry=RetryConfig(
+            initial_delay=0.02, max_delay=0.2, timeout_per_attempt=3.0, total_timeout=20.0
+        ),
+        breaker=CircuitBreakerConfig(failure_threshold=5, recovery_timeout=1.0),
+    )
+    if isinstance(auth, ClickHouseEndpoint):
+        base.update(user=auth.user, password=auth.password, database=auth.database)
+    base.update(changes)
+    return Config(**base)

@@ -1,0 +1,436 @@
+"""The fault catalogue of design.md, one test per entry, each fault real.
+
+Each test states what the caller sees (result or exception, within what time), how many
+attempts were made, the breaker state afterwards and the metrics. Entries 12 and 13 (the
+spool) live in the spool's tests; docs/reliability.md maps every entry to its test.
+"""
+
+from __future__ import annotations
+
+import statistics
+import threading
+import time
+import uuid
+from typing import Any
+
+import pytest
+import structlog
+from clickhouse_driver import Client
+from clickhouse_driver import errors as driver_errors
+from helpers import make_config, start_local_server
+
+from chresilient import (
+    CircuitBreakerConfig,
+    CircuitOpenError,
+    CircuitState,
+    ClickHouseConnectionManager,
+    ClickHouseUnavailableError,
+    RetryConfig,
+    StartupError,
+)
+from chresilient.errors import ErrorKind, classify, describe
+
+pytestmark = pytest.mark.faults
+
+
+def _patient(server: Any, **changes: Any) -> ClickHouseConnectionManager:
+    """A manager that keeps retrying for a while, with a breaker that stays out of the way."""
+    defaults: dict[str, Any] = dict(
+        retry=RetryConfig(
+            max_attempts=30,
+            initial_delay=0.1,
+            max_delay=0.3,
+            timeout_per_attempt=3.0,
+            total_timeout=20.0,
+        ),
+        breaker=CircuitBreakerConfig(failure_threshold=50, recovery_timeout=1.0),
+    )
+    defaults.update(changes)
+    return ClickHouseConnectionManager(make_config(server, **defaults))
+
+
+def _in_thread(fn: Any) -> tuple[threading.Thread, dict[str, Any]]:
+    box: dict[str, Any] = {}
+
+    def run() -> None:
+        started = time.monotonic()
+        try:
+            box["result"] = fn()
+        except BaseException as exc:
+            box["error"] = exc
+        box["elapsed"] = time.monotonic() - started
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    return thread, box
+
+
+def test_f01_server_not_started_yet_startup_gate_waits(clickhouse_server: Any) -> None:
+    clickhouse_server.stop()
+    mgr = ClickHouseConnectionManager(make_config(clickhouse_server))
+    try:
+        with structlog.testing.capture_logs() as logs:
+            thread, box = _in_thread(lambda: mgr.start(wait=True, timeout=30))
+            time.sleep(2.0)
+            assert thread.is_alive(), "start() returned before the server was up"
+            clickhouse_server.start()  # returns once the server answers SELECT 1
+            ready = time.monotonic()
+            thread.join(timeout=30)
+            gate_lag = time.monotonic() - ready
+        assert not thread.is_alive() and "error" not in box, box
+        assert gate_lag < 1.5  # the backend comes up soon after ClickHouse is ready
+        assert box["elapsed"] >= 2.0
+        waits = [e for e in logs if e["event"] == "waiting_for_clickhouse"]
+        assert waits and all("refused" in e["reason"] for e in waits)
+        assert [e["attempt"] for e in waits] == sorted(e["attempt"] for e in waits)
+        # Backoff is capped low but not hammering: at most ~2 attempts per second waited.
+        assert len(waits) <= 2 * box["elapsed"] + 4
+        assert mgr.execute("SELECT 1") == [(1,)]
+        assert mgr.health()["status"] == "healthy"
+    finally:
+        mgr.close()
+
+
+def test_f02_killed_while_idle(clickhouse_server: Any) -> None:
+    cfg = make_config(
+        clickhouse_server,
+        retry=RetryConfig(
+            max_attempts=3, initial_delay=0.05, max_delay=0.1, timeout_per_attempt=2.0
+        ),
+        breaker=CircuitBreakerConfig(failure_threshold=3, recovery_timeout=1.0),
+    )
+    mgr = ClickHouseConnectionManager(cfg)
+    try:
+        _warm(mgr, 3)
+        clickhouse_server.kill()
+        started = time.monotonic()
+        with pytest.raises(ClickHouseUnavailableError) as info:
+            mgr.execute("SELECT 1")
+        assert time.monotonic() - started < 5.0
+        assert info.value.attempts == 3
+        assert classify(info.value.last_error) is ErrorKind.TRANSPORT  # type: ignore[arg-type]
+        assert "refused" in describe(info.value.last_error).lower()  # type: ignore[arg-type]
+        assert mgr.hosts[0].breaker.state is CircuitState.OPEN
+        assert mgr.metrics()["circuit_breaker_opens"] == 1
+        with pytest.raises(CircuitOpenError):
+            mgr.execute("SELECT 1")
+        clickhouse_server.start()
+        time.sleep(1.1)  # recovery_timeout: the next call is a trial
+        assert mgr.execute("SELECT 1") == [(1,)]
+    finally:
+        mgr.close()
+
+
+def test_f03_killed_mid_query_read_is_retried(clickhouse_server: Any) -> None:
+    mgr = _patient(clickhouse_server)
+    try:
+        assert mgr.execute("SELECT 1") == [(1,)]
+        thread, box = _in_thread(lambda: mgr.execute("SELECT sleep(2)"))
+        time.sleep(0.5)
+        clickhouse_server.kill()
+        time.sleep(0.3)
+        clickhouse_server.start()
+        thread.join(timeout=30)
+        assert not thread.is_alive()
+        assert box.get("result") == [(0,)], box
+        metrics = mgr.metrics()
+        assert metrics["retry_attempts"] >= 1
+        assert metrics["query_errors_total"] == 0
+    finally:
+        mgr.close()
+
+
+def _warm(mgr: ClickHouseConnectionManager, n: int) -> None:
+    """Make the pool hold ``n`` open connections."""
+    barrier = threading.Barrier(n)
+
+    def hold() -> None:
+        barrier.wait(timeout=10)
+        mgr.execute("SELECT sleep(0.2)")
+
+    threads = [threading.Thread(target=hold) for _ in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=20)
+    assert mgr.metrics()["idle"] == n
+
+
+def test_f04_restart_between_queries_is_invisible_to_reads(clickhouse_server: Any) -> None:
+    mgr = ClickHouseConnectionManager(make_config(clickhouse_server))
+    try:
+        _warm(mgr, 5)
+        clickhouse_server.restart()
+        for i in range(20):
+            assert mgr.execute("SELECT %(i)s", {"i": i}) == [(i,)]
+        metrics = mgr.metrics()
+        assert metrics["query_errors_total"] == 0
+        assert metrics["circuit_breaker_state"] == "closed"
+        # The stale sockets were found by the liveness check, not by failing queries.
+        assert metrics["retry_attempts"] == 0
+        assert metrics["pool_invalidations"] >= 1
+    finally:
+        mgr.close()
+
+
+def test_f05_frozen_between_queries_is_bounded_then_fails_fast(clickhouse_server: Any) -> None:
+    cfg = make_config(
+        clickhouse_server,
+        retry=RetryConfig(
+            max_attempts=3,
+            initial_delay=0.05,
+            max_delay=0.2,
+            timeout_per_attempt=1.0,
+            total_timeout=30.0,
+        ),
+        breaker=CircuitBreakerConfig(failure_threshold=3, recovery_timeout=1.0),
+    )
+    mgr = ClickHouseConnectionManager(cfg)
+    try:
+        assert mgr.execute("SELECT 1") == [(1,)]
+        clickhouse_server.freeze()
+        started = time.monotonic()
+        with pytest.raises(ClickHouseUnavailableError) as info:
+            mgr.execute("SELECT 1")
+        elapsed = time.monotonic() - started
+        assert info.value.attempts == 3
+        assert classify(info.value.last_error) is ErrorKind.TRANSPORT  # type: ignore[arg-type]
+        assert elapsed < 3 * 1.0 + 3 * 0.2 + 2.0, elapsed  # never hangs
+        assert mgr.hosts[0].breaker.state is CircuitState.OPEN
+
+        refusals = []
+        for _ in range(50):
+            t0 = time.perf_counter()
+            with pytest.raises(CircuitOpenError):
+                mgr.execute("SELECT 1")
+            refusals.append(time.perf_counter() - t0)
+        assert statistics.median(refusals) < 0.005
+
+        clickhouse_server.thaw()
+        time.sleep(1.2)  # recovery_timeout
+        assert mgr.execute("SELECT 1") == [(1,)]
+        for _ in range(3):
+            mgr.execute("SELECT 1")
+        assert mgr.hosts[0].breaker.state is CircuitState.CLOSED
+    finally:
+        clickhouse_server.thaw()
+        mgr.close()
+
+
+def test_f09_wrong_password_fails_fast_without_leaking(clickhouse_server: Any) -> None:
+    secret = clickhouse_server.password + "-wrong"
+    cfg = make_config(clickhouse_server, user=clickhouse_server.tester_user, password=secret)
+    mgr = ClickHouseConnectionManager(cfg)
+    messages: list[str] = []
+    try:
+        with structlog.testing.capture_logs() as logs:
+            for _ in range(5):
+                with pytest.raises(driver_errors.ServerException) as info:
+                    mgr.execute("SELECT 1")
+                assert info.value.code in (193, 516)
+                assert classify(info.value) is ErrorKind.AUTH
+                messages += [str(info.value), repr(info.value)]
+            started = time.monotonic()
+            with pytest.raises(StartupError, match="authentication") as startup:
+                mgr.start(wait=True, timeout=30)
+            assert time.monotonic() - started < 2.0
+            messages += [str(startup.value), repr(startup.value)]
+        metrics = mgr.metrics()
+        assert metrics["connection_attempts"] == 6  # one per call, no retry storm
+        assert metrics["retry_attempts"] == 0
+        assert metrics["circuit_breaker_state"] == "closed"
+        messages += [repr(mgr.config), str(mgr.config), repr(metrics), repr(mgr.health())]
+        messages += [repr(entry) for entry in logs]
+        for text in messages:
+            assert secret not in text
+            assert clickhouse_server.password not in text
+    finally:
+        mgr.close()
+
+    good = ClickHouseConnectionManager(
+        make_config(
+            clickhouse_server,
+            user=clickhouse_server.tester_user,
+            password=clickhouse_server.password,
+        )
+    )
+    try:
+        assert good.execute("SELECT 7") == [(7,)]
+    finally:
+        good.close()
+
+
+def test_f07_insert_cut_mid_way_is_not_repeated_without_dedup(
+    clickhouse: Any, fault_proxy: Any
+) -> None:
+    table = f"ins_{uuid.uuid4().hex[:8]}"
+    direct = ClickHouseConnectionManager(make_config(clickhouse))
+    direct.execute(f"CREATE TABLE {table} (x UInt32) ENGINE = MergeTree ORDER BY x")
+    proxied = ClickHouseConnectionManager(
+        make_config(
+            fault_proxy,
+            auth=clickhouse,
+            retry=RetryConfig(
+                max_attempts=4, initial_delay=0.01, max_delay=0.05, timeout_per_attempt=2.0
+            ),
+        )
+    )
+    try:
+        assert proxied.execute(f"INSERT INTO {table} VALUES", [(1,), (2,)]) == 2
+        fault_proxy.reset()
+        with pytest.raises(ClickHouseUnavailableError) as info:
+            proxied.execute(f"INSERT INTO {table} VALUES", [(3,)])
+        assert info.value.attempts == 1  # outcome unknown: not repeated
+        with pytest.raises(ClickHouseUnavailableError) as info:
+            proxied.execute("SELECT 1")
+        assert info.value.attempts == 4  # reads are repeated
+        assert classify(info.value.last_error) is ErrorKind.TRANSPORT  # type: ignore[arg-type]
+        fault_proxy.pass_through()
+        proxied.hosts[0].breaker.reset()
+        assert proxied.execute("SELECT 5") == [(5,)]
+        assert direct.execute(f"SELECT count() FROM {table}") == [(2,)]
+    finally:
+        direct.execute(f"DROP TABLE {table}")
+        direct.close()
+        proxied.close()
+
+
+def test_f05_frozen_mid_query_is_bounded(clickhouse_server: Any) -> None:
+    cfg = make_config(
+        clickhouse_server,
+        retry=RetryConfig(
+            max_attempts=2, initial_delay=0.05, max_delay=0.1, timeout_per_attempt=1.0
+        ),
+    )
+    mgr = ClickHouseConnectionManager(cfg)
+    try:
+        assert mgr.execute("SELECT 1") == [(1,)]
+        thread, box = _in_thread(lambda: mgr.execute("SELECT sleep(2)"))
+        time.sleep(0.3)
+        clickhouse_server.freeze()
+        thread.join(timeout=15)
+        assert not thread.is_alive(), "a call on a frozen server hung"
+        assert isinstance(box.get("error"), ClickHouseUnavailableError), box
+        assert box["error"].attempts == 2
+        assert box["elapsed"] < 2 * 1.0 + 0.3 + 2.0
+    finally:
+        clickhouse_server.thaw()
+        mgr.close()
+
+
+def test_f06_port_refuses(clickhouse: Any, fault_proxy: Any) -> None:
+    cfg = make_config(
+        fault_proxy,
+        auth=clickhouse,
+        retry=RetryConfig(
+            max_attempts=3, initial_delay=0.02, max_delay=0.05, timeout_per_attempt=2.0
+        ),
+        breaker=CircuitBreakerConfig(failure_threshold=5, recovery_timeout=0.5),
+    )
+    mgr = ClickHouseConnectionManager(cfg)
+    try:
+        assert mgr.execute("SELECT 1") == [(1,)]
+        fault_proxy.refuse()
+        fault_proxy.reset_active()
+        started = time.monotonic()
+        with pytest.raises(ClickHouseUnavailableError) as info:
+            mgr.execute("SELECT 1")
+        assert time.monotonic() - started < 2.0  # refusals are immediate
+        assert info.value.attempts == 3
+        assert "refused" in describe(info.value.last_error).lower()  # type: ignore[arg-type]
+        assert mgr.hosts[0].breaker.consecutive_failures == 3
+        with pytest.raises(ClickHouseUnavailableError):
+            mgr.execute("SELECT 1")
+        assert mgr.hosts[0].breaker.state is CircuitState.OPEN
+        fault_proxy.pass_through()
+        time.sleep(0.6)
+        assert mgr.execute("SELECT 1") == [(1,)]
+    finally:
+        mgr.close()
+
+
+def test_f07_reset_mid_result_read_is_retried(clickhouse: Any, fault_proxy: Any) -> None:
+    mgr = _patient(fault_proxy, auth=clickhouse)
+    try:
+        assert mgr.execute("SELECT 1") == [(1,)]
+        fault_proxy.reset(after_bytes=200_000)
+        threading.Timer(0.5, fault_proxy.pass_through).start()
+        rows = mgr.execute("SELECT number FROM system.numbers LIMIT 1000000")
+        assert len(rows) == 1_000_000 and rows[-1] == (999_999,)
+        metrics = mgr.metrics()
+        assert metrics["retry_attempts"] >= 1
+        assert metrics["query_errors_total"] == 0
+    finally:
+        mgr.close()
+
+
+def test_f08_added_latency(clickhouse: Any, fault_proxy: Any) -> None:
+    mgr = _patient(
+        fault_proxy,
+        auth=clickhouse,
+        retry=RetryConfig(
+            max_attempts=2, initial_delay=0.05, max_delay=0.1, timeout_per_attempt=1.0
+        ),
+    )
+    try:
+        assert mgr.execute("SELECT 1") == [(1,)]
+        fault_proxy.delay(0.2)
+        started = time.monotonic()
+        assert mgr.execute("SELECT 2") == [(2,)]
+        assert time.monotonic() - started >= 0.2
+        assert mgr.metrics()["retry_attempts"] == 0  # slower, but inside the attempt bound
+        fault_proxy.delay(1.5)  # beyond timeout_per_attempt
+        started = time.monotonic()
+        with pytest.raises(ClickHouseUnavailableError) as info:
+            mgr.execute("SELECT 3")
+        assert info.value.attempts == 2
+        assert time.monotonic() - started < 2 * 1.0 + 0.1 + 2.0
+    finally:
+        mgr.close()
+
+
+def test_f10_syntax_error_and_unknown_table_make_one_attempt(clickhouse: Any) -> None:
+    manager = ClickHouseConnectionManager(make_config(clickhouse))
+    manager.execute("SELECT 1")
+    before = manager.metrics()
+    for query, code in (("SELEC 1", 62), ("SELECT * FROM no_such_table_xyz", 60)):
+        with pytest.raises(driver_errors.ServerException) as info:
+            manager.execute(query)
+        assert info.value.code == code
+        assert classify(info.value) is ErrorKind.DETERMINISTIC
+    after = manager.metrics()
+    checkouts = lambda m: m["pool_hits"] + m["pool_misses"]  # noqa: E731
+    assert checkouts(after) - checkouts(before) == 2  # one attempt each
+    assert after["retry_attempts"] == before["retry_attempts"]
+    assert after["circuit_breaker_state"] == "closed"
+    assert after["consecutive_failures"] == 0
+    assert manager.execute("SELECT 2") == [(2,)]
+    manager.close()
+
+
+def test_f11_too_many_simultaneous_queries_is_retried() -> None:
+    server = start_local_server(max_concurrent_queries=2)
+    mgr = _patient(server)
+    blockers = [Client(server.host, port=server.port) for _ in range(2)]
+    try:
+        assert mgr.execute("SELECT 1") == [(1,)]  # connected before the slots are taken
+        threads = [
+            threading.Thread(target=c.execute, args=("SELECT sleep(1.5)",), daemon=True)
+            for c in blockers
+        ]
+        for t in threads:
+            t.start()
+        time.sleep(0.4)
+        with structlog.testing.capture_logs() as logs:
+            # queue_max_wait_ms=0: answer 202 at once instead of queueing for a slot.
+            assert mgr.execute("SELECT 1", settings={"queue_max_wait_ms": 0}) == [(1,)]
+        retried = [e for e in logs if e["event"] == "retrying"]
+        assert retried and all(e["error"].startswith("ServerException 202") for e in retried)
+        assert mgr.metrics()["retry_attempts"] == len(retried)
+        for t in threads:
+            t.join(timeout=10)
+    finally:
+        mgr.close()
+        for c in blockers:
+            c.disconnect()
+        server.cleanup(graceful=False)

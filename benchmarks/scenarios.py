@@ -66,7 +66,9 @@ class Size:
 
 
 def _config(server: LocalClickHouse, **changes: Any) -> Config:
-    return Config(host=server.host, port=server.port, **changes)
+    # The spool lives beside the benchmark's private server, not in the user's cache.
+    spool = str(server.base_dir / "spool")
+    return Config(host=server.host, port=server.port, spool_dir=spool, **changes)
 
 
 def _bare(server: LocalClickHouse, **kwargs: Any) -> Client:

@@ -2,24 +2,35 @@
 
 from .breaker import CircuitBreaker, CircuitState
 from .client import ResilientClient, get_clickhouse_client, reset_clickhouse_client
-from .config import CircuitBreakerConfig, Config, ConnectionPoolConfig, RetryConfig
+from .config import (
+    AnalyticsTable,
+    CircuitBreakerConfig,
+    Config,
+    ConnectionPoolConfig,
+    RetryConfig,
+)
 from .errors import (
     CircuitOpenError,
     ClickHouseUnavailableError,
     ClientClosedError,
     ConfigError,
     ErrorKind,
+    InvalidBatchError,
     PoolTimeoutError,
     SpoolFullError,
     StartupError,
     StartupTimeoutError,
     classify,
 )
+from .health import health_wsgi_app
+from .ingest import InsertResult, InsertTotals
 from .manager import ClickHouseConnectionManager
+from .replay import ReplayReport, Spool
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "AnalyticsTable",
     "CircuitBreaker",
     "CircuitBreakerConfig",
     "CircuitOpenError",
@@ -31,13 +42,19 @@ __all__ = [
     "ConfigError",
     "ConnectionPoolConfig",
     "ErrorKind",
+    "InsertResult",
+    "InsertTotals",
+    "InvalidBatchError",
     "PoolTimeoutError",
+    "ReplayReport",
     "ResilientClient",
     "RetryConfig",
+    "Spool",
     "SpoolFullError",
     "StartupError",
     "StartupTimeoutError",
     "classify",
     "get_clickhouse_client",
+    "health_wsgi_app",
     "reset_clickhouse_client",
 ]

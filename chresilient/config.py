@@ -125,6 +125,62 @@ class CircuitBreakerConfig:
         _whole(self.half_open_max_calls, "breaker.half_open_max_calls", 1)
 
 
+@dataclass(frozen=True)
+class AnalyticsTable:
+    """A table the analytics code expects, checked by ``ensure_analytics_consistency()``.
+
+    ``columns`` are ``(name, type)`` pairs with types as ClickHouse reports them in
+    ``system.columns`` (``UInt64``, ``DateTime('UTC')``); a mapping is accepted too.
+    ``engine`` is the engine name (``system.tables.engine``, e.g. ``MergeTree``); None
+    skips that check. ``database`` defaults to the connection's database.
+    """
+
+    name: str
+    columns: tuple[tuple[str, str], ...] = ()
+    engine: str | None = None
+    database: str | None = None
+
+    def __post_init__(self) -> None:
+        where = f"analytics_tables[{self.name!r}]"
+        _check(isinstance(self.name, str) and bool(self.name), "analytics_tables", "empty name")
+        raw: Any = self.columns
+        items = list(raw.items()) if isinstance(raw, Mapping) else list(raw)
+        columns: list[tuple[str, str]] = []
+        for item in items:
+            ok = isinstance(item, (tuple, list)) and len(item) == 2
+            ok = ok and all(isinstance(part, str) and part.strip() for part in item)
+            _check(ok, f"{where}.columns", f"expected (name, type) pairs of strings, got {item!r}")
+            columns.append((item[0], item[1]))
+        object.__setattr__(self, "columns", tuple(columns))
+        for name in ("engine", "database"):
+            value = getattr(self, name)
+            _check(
+                value is None or (isinstance(value, str) and bool(value.strip())),
+                f"{where}.{name}",
+                f"must be a non-empty string or None, got {value!r}",
+            )
+
+
+def _analytics_tables(value: Any) -> tuple[AnalyticsTable, ...]:
+    """Accept AnalyticsTable objects or mappings with the same keys."""
+    if isinstance(value, (str, bytes, Mapping)):
+        raise ConfigError("analytics_tables", "expected a sequence of AnalyticsTable")
+    tables = []
+    for item in value:
+        if isinstance(item, Mapping):
+            try:
+                item = AnalyticsTable(**item)
+            except TypeError as err:
+                raise ConfigError("analytics_tables", str(err)) from None
+        _check(
+            isinstance(item, AnalyticsTable),
+            "analytics_tables",
+            f"expected AnalyticsTable items, got {type(item).__name__}",
+        )
+        tables.append(item)
+    return tuple(tables)
+
+
 def default_spool_dir() -> str:
     """The user's cache dir (XDG) plus ``chresilient/spool``."""
     base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
@@ -235,9 +291,20 @@ class Config:
     retry: RetryConfig = field(default_factory=RetryConfig)
     pool: ConnectionPoolConfig = field(default_factory=ConnectionPoolConfig)
     breaker: CircuitBreakerConfig = field(default_factory=CircuitBreakerConfig)
+    # Health: the monitor's probe timeout, the expected analytics tables, how often the
+    # monitor checks them, and the table the write probe owns (None: no write probe).
+    health_probe_timeout: float = 2.0
+    analytics_tables: tuple[AnalyticsTable, ...] = ()
+    consistency_check_interval: float = 300.0
+    analytics_probe_table: str | None = "_chresilient_probe"
     spool_dir: str | None = None
     spool_max_bytes: int = 512 * 1024 * 1024
     spool_full_policy: str = "raise"
+    # Spool: off switch (insert() then raises instead of spooling), how long the 'block'
+    # policy waits for space, and how often the replayer polls when nobody wakes it.
+    spool_enabled: bool = True
+    spool_block_timeout: float = 30.0
+    spool_replay_interval: float = 5.0
 
     def __post_init__(self) -> None:
         for name in ("host", "user", "database", "client_name"):
@@ -264,12 +331,29 @@ class Config:
         ):
             value = getattr(self, name)
             _check(isinstance(value, kind), name, f"must be a {kind.__name__}")
+        _positive(self.health_probe_timeout, "health_probe_timeout")
+        object.__setattr__(self, "analytics_tables", _analytics_tables(self.analytics_tables))
+        _positive(self.consistency_check_interval, "consistency_check_interval")
+        probe = self.analytics_probe_table
+        _check(
+            probe is None or (isinstance(probe, str) and bool(probe.strip())),
+            "analytics_probe_table",
+            f"must be a table name or None, got {probe!r}",
+        )
         _whole(self.spool_max_bytes, "spool_max_bytes", 1)
         _check(
             self.spool_full_policy in SPOOL_FULL_POLICIES,
             "spool_full_policy",
             f"must be one of {', '.join(SPOOL_FULL_POLICIES)}, got {self.spool_full_policy!r}",
         )
+        _check(isinstance(self.spool_enabled, bool), "spool_enabled", "must be a boolean")
+        _check(
+            self.spool_dir is None or (isinstance(self.spool_dir, str) and bool(self.spool_dir)),
+            "spool_dir",
+            f"must be a non-empty path or None, got {self.spool_dir!r}",
+        )
+        _positive(self.spool_block_timeout, "spool_block_timeout", allow_zero=True)
+        _positive(self.spool_replay_interval, "spool_replay_interval")
 
     # -- derived values -------------------------------------------------------------
     @property
@@ -406,6 +490,9 @@ _ENV_FOR_FIELD = {
     "breaker.half_open_max_calls": "CLICKHOUSE_BREAKER_HALF_OPEN_MAX_CALLS",
     "spool_dir": "CLICKHOUSE_SPOOL_DIR",
     "spool_max_bytes": "CLICKHOUSE_SPOOL_MAX_BYTES",
+    "spool_full_policy": "CLICKHOUSE_SPOOL_FULL_POLICY",
+    "spool_enabled": "CLICKHOUSE_SPOOL_ENABLED",
+    "spool_block_timeout": "CLICKHOUSE_SPOOL_BLOCK_TIMEOUT",
 }
 
 ENV_VARS = ("CLICKHOUSE_URL", *_ENV_FOR_FIELD.values())
@@ -452,6 +539,9 @@ def _config_from_env(cls: type[Config], env: Mapping[str, str]) -> Config:
         ("load_balancing", text),
         ("spool_dir", text),
         ("spool_max_bytes", _parse_int),
+        ("spool_full_policy", text),
+        ("spool_enabled", _parse_bool),
+        ("spool_block_timeout", _parse_float),
     ):
         value = _env_value(env, _ENV_FOR_FIELD[name], parse)
         if value is not None:

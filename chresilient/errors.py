@@ -85,6 +85,13 @@ class SpoolFullError(ChResilientError):
     """The local insert spool reached its size limit; the batch was not accepted."""
 
 
+class InvalidBatchError(ChResilientError, ValueError):
+    """Rows passed to ``insert`` do not fit their columns (wrong or ragged width).
+
+    Raised before anything is sent or spooled, so a malformed batch never loops.
+    """
+
+
 class ClientClosedError(ChResilientError):
     """The manager or client was used after ``close()``."""
 

@@ -36,8 +36,12 @@ from .errors import (
     is_retryable,
     server_code,
 )
+from .health.monitor import HealthMonitor
+from .health.status import build_health
+from .ingest import Inserter, InsertResult, InsertTotals, TableName, open_spool
 from .metrics import Metrics
 from .pool import HostPool, PooledConnection
+from .replay import Spool
 from .retry import CallStats, Deadline, RetryBudget, RetryPolicy, call_with_retry
 
 T = TypeVar("T")
@@ -107,6 +111,17 @@ class ClickHouseConnectionManager:
         # Background threads (health monitor, spool replayer): started by start() once
         # the gate passed (or gave up with required=False), stopped by close().
         self.services: list[BackgroundService] = []
+        # The health monitor (chresilient.health): probes, connection_state, pruning, and
+        # the cached health reports behind health() and the endpoints.
+        self.monitor = HealthMonitor(self)
+        self.services.append(self.monitor)
+        # Durable spool of inserts ClickHouse could not take, and its replayer (None when
+        # spool_enabled=False). An unusable spool_dir is a ConfigError here, not at the
+        # first outage.
+        self.spool: Spool | None = open_spool(self)
+        if self.spool is not None:
+            self.services.append(self.spool.replayer)
+        self._inserter = Inserter(self, self.spool)
 
     # -- lifecycle --------------------------------------------------------------------
     def start(self, wait: bool = True, timeout: float = 60.0, required: bool = True) -> None:
@@ -114,7 +129,8 @@ class ClickHouseConnectionManager:
 
         Credentials or an unknown database fail at once with :class:`StartupError`.
         On timeout :class:`StartupTimeoutError` is raised, unless ``required=False``: then
-        the manager starts degraded and keeps serving (and retrying) as calls come.
+        the manager starts degraded (``connection_state`` unhealthy) and the health monitor
+        keeps probing in the background until ClickHouse answers.
         """
         self._check_open()
         if wait:
@@ -124,7 +140,12 @@ class ClickHouseConnectionManager:
                 if required:
                     raise
                 self.connection_state = "unhealthy"
-                log.warning("startup_degraded", timeout=timeout, target=self.config.safe_url())
+                log.warning(
+                    "startup_degraded",
+                    timeout=timeout,
+                    target=self.config.safe_url(),
+                    retrying_every=self.monitor.interval,
+                )
         with self._lock:
             if self.started:
                 return
@@ -360,6 +381,53 @@ class ClickHouseConnectionManager:
         seen = [h.pool.features for h in self.hosts if h.pool.server_info is not None]
         return bool(seen) and all(f.get(feature, False) for f in seen)
 
+    # -- inserts and the spool (chresilient.ingest, chresilient.replay) ---------------------
+    def insert(
+        self,
+        table: TableName,
+        rows: Any,
+        column_names: Sequence[str] | None = None,
+        *,
+        settings: Mapping[str, Any] | None = None,
+    ) -> InsertResult:
+        """INSERT one batch; if ClickHouse is unavailable, spool it (``spooled=True``).
+
+        Errors about the rows (unknown table, type mismatch) raise; a wrong column count
+        raises :class:`InvalidBatchError` before anything is sent or spooled.
+        """
+        return self._inserter.insert(table, rows, column_names, settings=settings)
+
+    def insert_batches(
+        self,
+        table: TableName,
+        rows_iterable: Any,
+        batch_size: int = 10_000,
+        column_names: Sequence[str] | None = None,
+        progress: bool | None = None,
+        *,
+        settings: Mapping[str, Any] | None = None,
+        token_prefix: str | None = None,
+    ) -> InsertTotals:
+        """Stream any iterable in batches (bounded memory), each delivered or spooled.
+
+        ``progress=True``: tqdm bar; ``None``: a log line per 100 batches; ``False``: quiet.
+        """
+        return self._inserter.insert_batches(
+            table,
+            rows_iterable,
+            batch_size,
+            column_names,
+            progress,
+            settings=settings,
+            token_prefix=token_prefix,
+        )
+
+    def spool_health(self) -> dict[str, Any]:
+        """The spool section of health(): pending batches/rows/bytes, delivery guarantee."""
+        if self.spool is None:
+            return {"enabled": False, "delivery_guarantee": "none"}
+        return {"enabled": True, **self.spool.health()}
+
     # -- the call path ------------------------------------------------------------------
     def _call(
         self,
@@ -400,6 +468,7 @@ class ClickHouseConnectionManager:
             )
 
         stats = CallStats()
+        started = time.perf_counter()
         try:
             result = call_with_retry(
                 attempt,
@@ -411,9 +480,11 @@ class ClickHouseConnectionManager:
                 what=what,
             )
         except BaseException as exc:
+            metrics.observe_duration(time.perf_counter() - started)
             metrics.incr("retry_attempts", stats.retries)
             metrics.error(classify(exc).value)
             raise
+        metrics.observe_duration(time.perf_counter() - started)
         if stats.retries:
             metrics.incr("retry_attempts", stats.retries)
         return result
@@ -495,6 +566,9 @@ class ClickHouseConnectionManager:
             h.breaker.state is CircuitState.OPEN for h in getattr(self, "hosts", [])
         ):
             self.connection_state = "unhealthy"
+        monitor = getattr(self, "monitor", None)
+        if new is CircuitState.OPEN and monitor is not None:
+            monitor.wake()  # from now on it probes for recovery, so calls need not
 
     # -- operations -------------------------------------------------------------------
     def reconnect(self) -> dict[str, Any]:
@@ -540,8 +614,7 @@ class ClickHouseConnectionManager:
             overflow=sum(g["overflow"] for g in gauges),
             retry_budget_tokens=round(self.budget.tokens, 2),
             retry_budget_exhausted=self.budget.exhausted_total,
-            pending_batches=0,
-            pending_rows=0,
+            **_spool_gauges(self.spool),
             hosts={
                 h.label: {"circuit_breaker_state": h.breaker.state.value, **h.pool.status()}
                 for h in self.hosts
@@ -550,30 +623,32 @@ class ClickHouseConnectionManager:
         return out
 
     def health(self) -> dict[str, Any]:
-        """A summary of the connection's state, cheap enough for every health request."""
-        states = [h.breaker.state for h in self.hosts]
-        if (
-            self._closed.is_set()
-            or self.connection_state == "unhealthy"
-            or all(s is CircuitState.OPEN for s in states)
-        ):
-            status = "unhealthy"
-        elif self.connection_state != "healthy" or any(
-            s is not CircuitState.CLOSED for s in states
-        ):
-            status = "degraded"
-        else:
-            status = "healthy"
-        return {
-            "status": status,
-            "connection_state": self.connection_state,
-            "target": self.config.safe_url(),
-            "hosts": {h.label: h.breaker.snapshot() for h in self.hosts},
-            "pool": {h.label: h.pool.status() for h in self.hosts},
-        }
+        """Status, connection state, cached check summaries, breaker, pool and spool.
+
+        Built from the monitor's cached results; only when the latest probe is stale (the
+        monitor is not running) one probe round runs, shared by concurrent callers.
+        """
+        return build_health(self)
+
+    def validate_service_dependencies(self, timeout: float = 120.0) -> dict[str, Any]:
+        """Run the dependency checks now (DNS ... container health); see chresilient.health."""
+        return self.monitor.dependencies.refresh(timeout)
+
+    def ensure_analytics_consistency(self, timeout: float = 60.0) -> dict[str, Any]:
+        """Check the configured analytics tables and the write probe now."""
+        return self.monitor.consistency.refresh(timeout)
 
 
 _END = object()
+
+
+def _spool_gauges(spool: Spool | None) -> dict[str, int]:
+    pending = spool.pending() if spool is not None else None
+    return {
+        "pending_batches": pending.batches if pending else 0,
+        "pending_rows": pending.rows if pending else 0,
+        "pending_bytes": pending.bytes if pending else 0,
+    }
 
 
 def _run_on(host: HostState, timeout: float, run: Callable[[PooledConnection], T]) -> T:

@@ -2,9 +2,30 @@
 
 from __future__ import annotations
 
+import bisect
 import threading
 import time
 from typing import Any
+
+# Upper bounds (seconds) of the query duration histogram, Prometheus' defaults stretched
+# to the retry deadlines a call can reach.
+DURATION_BUCKETS = (
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+    30.0,
+    60.0,
+)
 
 
 class Metrics:
@@ -25,6 +46,9 @@ class Metrics:
         self._errors_by_kind: dict[str, int] = {}
         self.last_success_wall: float | None = None
         self.started_wall = time.time()
+        # One slot per bucket plus +Inf; not cumulative (the exposition sums them).
+        self._duration_counts = [0] * (len(DURATION_BUCKETS) + 1)
+        self._duration_sum = 0.0
 
     def incr(self, name: str, value: int = 1) -> None:
         with self._lock:
@@ -34,6 +58,23 @@ class Metrics:
         with self._lock:
             self._counters["query_errors_total"] += 1
             self._errors_by_kind[kind] = self._errors_by_kind.get(kind, 0) + 1
+
+    def observe_duration(self, seconds: float) -> None:
+        """Record one call's duration (retries and waits included); cheap, it is per call."""
+        slot = bisect.bisect_left(DURATION_BUCKETS, seconds)
+        with self._lock:
+            self._duration_counts[slot] += 1
+            self._duration_sum += seconds
+
+    def durations(self) -> tuple[list[tuple[float, int]], float, int]:
+        """Cumulative ``(upper_bound, count)`` buckets ending with +Inf, the sum, the count."""
+        with self._lock:
+            counts, total = list(self._duration_counts), self._duration_sum
+        buckets, running = [], 0
+        for bound, count in zip((*DURATION_BUCKETS, float("inf")), counts):
+            running += count
+            buckets.append((bound, running))
+        return buckets, total, running
 
     def success(self) -> None:
         self.last_success_wall = time.time()

@@ -12,6 +12,7 @@ import select
 import socket
 import threading
 import time
+import weakref
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
@@ -70,6 +71,7 @@ class PooledConnection:
         self.address = address
         self.created = time.monotonic()
         self.last_used = self.created
+        self.pruned = False  # closed by HostPool.prune() while idle; guarded by its lock
 
     @property
     def connection(self) -> Connection:
@@ -162,6 +164,7 @@ class PoolStats:
     hits: int = 0
     misses: int = 0
     invalidations: int = 0
+    pruned: int = 0
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def bump(self, **deltas: int) -> None:
@@ -185,6 +188,11 @@ class HostPool:
         self.stats = PoolStats()
         self.server_info: ServerInfo | None = None
         self.features: Mapping[str, bool] = {}
+        # The checkout's time bound, so a connection made for it is bounded by it too.
+        self._local = threading.local()
+        # Connections sitting in the pool, for prune(); the checkout hook takes the lock.
+        self._idle: weakref.WeakSet[PooledConnection] = weakref.WeakSet()
+        self._idle_lock = threading.Lock()
         self._pool = self._new_pool()
 
     @property
@@ -194,7 +202,9 @@ class HostPool:
 
     def _create(self) -> PooledConnection:
         self.stats.bump(connect_attempts=1)
-        client = make_client(self.cfg, self.address, self.cfg.retry.timeout_per_attempt)
+        timeout = self.cfg.retry.timeout_per_attempt
+        timeout = min(timeout, getattr(self._local, "timeout", timeout))
+        client = make_client(self.cfg, self.address, timeout)
         try:
             client.connection.connect()
         except BaseException:
@@ -215,6 +225,7 @@ class HostPool:
         )
         event.listen(pool, "connect", self._on_pool_connect)
         event.listen(pool, "checkout", self._on_checkout)
+        event.listen(pool, "checkin", self._on_checkin)
         event.listen(pool, "invalidate", self._on_invalidate)
         return pool
 
@@ -238,6 +249,11 @@ class HostPool:
     def _on_checkout(
         self, dbapi_conn: PooledConnection, record: ConnectionPoolEntry, proxy: Any
     ) -> None:
+        with self._idle_lock:
+            self._idle.discard(dbapi_conn)
+            pruned = dbapi_conn.pruned
+        if pruned:  # its socket is closed: this record reconnects instead
+            raise _PrunedError("connection was pruned while idle")
         if record.info.pop("fresh", False):
             self.stats.bump(checkouts=1, misses=1)
             return
@@ -247,10 +263,16 @@ class HostPool:
             raise sa_exc.InvalidatePoolError("stale connection found on checkout")
         self.stats.bump(checkouts=1, hits=1)
 
+    def _on_checkin(self, dbapi_conn: PooledConnection | None, record: ConnectionPoolEntry) -> None:
+        if dbapi_conn is not None:
+            with self._idle_lock:
+                self._idle.add(dbapi_conn)
+
     def _on_invalidate(
         self, dbapi_conn: Any, record: ConnectionPoolEntry, exception: BaseException | None
     ) -> None:
-        self.stats.bump(invalidations=1)
+        if not isinstance(exception, _PrunedError):
+            self.stats.bump(invalidations=1)
 
     # -- use --------------------------------------------------------------------------
     @contextmanager
@@ -259,6 +281,7 @@ class HostPool:
 
         A connection is returned to the pool only when the body finished cleanly.
         """
+        self._local.timeout = timeout
         try:
             fairy = self._pool.connect()
         except sa_exc.TimeoutError as err:
@@ -305,6 +328,35 @@ class HostPool:
         old = self._pool
         self._pool = self._new_pool()
         old.dispose()
+
+    def prune(self, max_age: float | None = None) -> int:
+        """Close idle connections older than ``max_age`` (default: the recycle time).
+
+        QueuePool recycles an old connection only when it is checked out again, so one at
+        the bottom of the LIFO stack keeps its socket (and a server slot) indefinitely.
+        Each victim is marked under the lock the checkout hook takes, so a concurrent
+        checkout of it reconnects instead of using the closed socket. Returns the count.
+        """
+        limit = self.cfg.pool.pool_recycle_time if max_age is None else max_age
+        now = time.monotonic()
+        with self._idle_lock:
+            victims = [
+                c
+                for c in self._idle
+                if now - c.created >= limit and not c.pruned and c.connection.connected
+            ]
+            for conn in victims:
+                conn.pruned = True
+                self._idle.discard(conn)
+        for conn in victims:
+            conn.close()
+        if victims:
+            self.stats.bump(pruned=len(victims))
+        return len(victims)
+
+
+class _PrunedError(sa_exc.DisconnectionError):
+    """Raised by the checkout hook for a pruned connection: SQLAlchemy reconnects it."""
 
 
 def _release(fairy: PoolProxiedConnection, ok: bool) -> None:

@@ -6,11 +6,13 @@ directory has no __init__.py, so pytest puts it on sys.path).
 
 from __future__ import annotations
 
+import atexit
 import gc
 import os
 import shutil
 import socket
 import subprocess
+import tempfile
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -219,6 +221,18 @@ def env_url() -> str | None:
     return os.environ.get(ENV_URL) or None
 
 
+_SPOOL_ROOT: list[str] = []
+
+
+def _spool_root() -> str:
+    """One temporary directory for every test's spool, removed when the run ends."""
+    if not _SPOOL_ROOT:
+        root = tempfile.mkdtemp(prefix="chresilient-test-")
+        atexit.register(shutil.rmtree, root, True)
+        _SPOOL_ROOT.append(root)
+    return _SPOOL_ROOT[0]
+
+
 def make_config(server: Any, *, auth: Any = None, **changes: Any) -> Config:
     """Fast-retrying config for ``server`` (anything with host and port).
 
@@ -232,6 +246,8 @@ def make_config(server: Any, *, auth: Any = None, **changes: Any) -> Config:
             initial_delay=0.02, max_delay=0.2, timeout_per_attempt=3.0, total_timeout=20.0
         ),
         breaker=CircuitBreakerConfig(failure_threshold=5, recovery_timeout=1.0),
+        # A spool of its own: managers of different tests must not replay each other's.
+        spool_dir=tempfile.mkdtemp(prefix="chresilient-test-spool-", dir=_spool_root()),
     )
     if isinstance(auth, ClickHouseEndpoint):
         base.update(user=auth.user, password=auth.password, database=auth.database)

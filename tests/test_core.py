@@ -6,6 +6,7 @@ import datetime as dt
 import decimal
 import threading
 import uuid
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -159,9 +160,12 @@ def test_use_after_close_is_a_clear_error(clickhouse: Any) -> None:
         mgr.execute("SELECT 1")
 
 
-def test_get_clickhouse_client_from_env(clickhouse: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_get_clickhouse_client_from_env(
+    clickhouse: Any, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
     monkeypatch.setenv("CLICKHOUSE_HOST", clickhouse.host)
     monkeypatch.setenv("CLICKHOUSE_PORT", str(clickhouse.port))
+    monkeypatch.setenv("CLICKHOUSE_SPOOL_DIR", str(tmp_path / "spool"))
     chresilient.reset_clickhouse_client()
     try:
         client = chresilient.get_clickhouse_client()

@@ -1,0 +1,1 @@
+"""Glue for web frameworks (``chresilient.contrib.flask``)."""

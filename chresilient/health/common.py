@@ -1,0 +1,139 @@
+"""Small pieces the health modules share: timestamps, identifier quoting, single flight."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Mapping
+from concurrent.futures import Future
+from typing import TYPE_CHECKING, Any, Callable, Generic, TypeVar
+
+from ..breaker import CircuitState
+
+if TYPE_CHECKING:
+    from ..manager import ClickHouseConnectionManager, HostState
+
+T = TypeVar("T")
+Report = dict[str, Any]
+
+
+def utc_iso(wall: float | None) -> str | None:
+    """A wall-clock time as ISO 8601 UTC with milliseconds (None stays None)."""
+    if wall is None:
+        return None
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(wall)) + f".{int(wall % 1 * 1000):03d}Z"
+
+
+def elapsed_ms(started: float) -> float:
+    """Milliseconds since ``started`` (a ``time.perf_counter()`` value)."""
+    return round((time.perf_counter() - started) * 1000, 3)
+
+
+def quote_identifier(name: str) -> str:
+    """Backtick-quote a ClickHouse identifier so a configured name is never read as SQL."""
+    return "`" + name.replace("\\", "\\\\").replace("`", "\\`") + "`"
+
+
+def usable_host(mgr: ClickHouseConnectionManager) -> HostState:
+    """The first host whose breaker is not open (the primary if all are)."""
+    for host in mgr.hosts:
+        if host.breaker.state is not CircuitState.OPEN:
+            return host
+    return mgr.hosts[0]
+
+
+def scrub(value: Any, secret: str) -> Any:
+    """``value`` (JSON-like) with ``secret`` replaced in every string: a last line of defence.
+
+    Secrets shorter than 4 characters are left alone; replacing them would garble every
+    string while protecting nothing that a guess would not find.
+    """
+    if len(secret) < 4:
+        return value
+    if isinstance(value, str):
+        return value.replace(secret, "***")
+    if isinstance(value, Mapping):
+        return {k: scrub(v, secret) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [scrub(v, secret) for v in value]
+    return value
+
+
+class SingleFlight(Generic[T]):
+    """Run ``fn`` in a daemon thread, at most one run at a time.
+
+    Callers that arrive while a run is in flight wait for that run instead of starting
+    another, and every caller waits at most its own timeout (the run goes on without it):
+    a burst of requests costs one check, and no request hangs on a frozen server.
+    """
+
+    def __init__(self, fn: Callable[[], T], name: str) -> None:
+        self._fn = fn
+        self._name = name
+        self._lock = threading.Lock()
+        self._current: Future[T] | None = None
+
+    def submit(self) -> Future[T]:
+        """The run in flight, or a new one."""
+        with self._lock:
+            future = self._current
+            if future is None or future.done():
+                future = self._current = Future()
+                threading.Thread(
+                    target=self._work, args=(future,), name=self._name, daemon=True
+                ).start()
+        return future
+
+    def run(self, timeout: float) -> T:
+        """The result of the run in flight, or of a new one; ``TimeoutError`` after ``timeout``."""
+        return self.submit().result(timeout)
+
+    @property
+    def running(self) -> bool:
+        future = self._current
+        return future is not None and not future.done()
+
+    def _work(self, future: Future[T]) -> None:
+        try:
+            future.set_result(self._fn())
+        except BaseException as exc:  # handed to every waiting caller
+            future.set_exception(exc)
+
+
+class ReportCache:
+    """The latest report of a check and when it was made, refreshed by a single flight."""
+
+    def __init__(self, run: Callable[[], Report], name: str) -> None:
+        self._run = run
+        self._flight: SingleFlight[Report] = SingleFlight(self._run_and_store, name)
+        self.latest: Report | None = None
+        self.at_wall: float | None = None
+        self._at: float | None = None
+
+    def age(self) -> float | None:
+        """Seconds since the latest report was made (None: never)."""
+        return None if self._at is None else time.monotonic() - self._at
+
+    def refresh(self, timeout: float) -> Report:
+        """A new report (shared with concurrent callers); ``TimeoutError`` after ``timeout``."""
+        return self._flight.run(timeout)
+
+    def submit(self) -> Future[Report]:
+        """Start a new report unless one is being made; do not wait for it."""
+        return self._flight.submit()
+
+    def get(self, max_age: float, timeout: float) -> Report:
+        """The latest report if younger than ``max_age``, else a new one."""
+        age, latest = self.age(), self.latest
+        if latest is not None and age is not None and age <= max_age:
+            return latest
+        return self.refresh(timeout)
+
+    @property
+    def running(self) -> bool:
+        return self._flight.running
+
+    def _run_and_store(self) -> Report:
+        report = self._run()
+        self.latest, self.at_wall, self._at = report, time.time(), time.monotonic()
+        return report

@@ -1,0 +1,235 @@
+"""The health monitor: one daemon thread per manager.
+
+Every ``health_check_interval`` it sends ``SELECT 1`` over a pooled connection of each
+host under a short timeout. Outcomes go to the breaker as out-of-band probes
+(``record_probe``), never as application failures: while a breaker is open the monitor is
+its half-open trial, so application calls keep failing fast until the monitor has seen the
+server answer. It also sets ``connection_state``, prunes idle connections past their
+recycle time, wakes the spool replayer on recovery and refreshes the analytics
+consistency report on a slower cadence.
+"""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from contextlib import suppress
+from typing import TYPE_CHECKING, Any
+
+import structlog
+
+from ..breaker import CircuitState
+from ..errors import classify, describe
+from .common import Report, ReportCache, elapsed_ms, utc_iso
+from .consistency import check_consistency
+from .dependencies import validate_dependencies
+
+if TYPE_CHECKING:
+    from ..manager import ClickHouseConnectionManager, HostState
+    from ..pool import PooledConnection
+
+log = structlog.get_logger("chresilient.health")
+
+# How long a caller waits for a report beyond the checks' own timeouts.
+SLACK = 1.0
+
+
+class HealthMonitor:
+    """Probes, state, pruning and the cached health reports of one manager."""
+
+    def __init__(self, mgr: ClickHouseConnectionManager) -> None:
+        cfg = mgr.config
+        self._mgr = mgr
+        self.interval = cfg.pool.health_check_interval
+        self.probe_timeout = min(cfg.health_probe_timeout, cfg.retry.timeout_per_attempt)
+        self.consistency_interval = cfg.consistency_check_interval
+        self.probe = ReportCache(self._probe_all, "chresilient-probe")
+        self.consistency = ReportCache(lambda: check_consistency(mgr), "chresilient-consistency")
+        self.dependencies = ReportCache(
+            lambda: validate_dependencies(mgr), "chresilient-dependencies"
+        )
+        self.probes_total = 0
+        self.probe_failures_total = 0
+        self.pruned_total = 0
+        self._wake = threading.Event()
+        self._stopping = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._inflight: PooledConnection | None = None
+
+    # -- BackgroundService --------------------------------------------------------------
+    def start(self) -> None:
+        if self._thread is not None or self._stopping.is_set():
+            return
+        self._thread = threading.Thread(target=self._run, name="chresilient-health", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float) -> None:
+        """Stop the thread; a probe stuck on a frozen server has its socket shut down."""
+        self._stopping.set()
+        self._wake.set()
+        thread = self._thread
+        if thread is None:
+            return
+        conn = self._inflight
+        sock = None if conn is None else conn.connection.socket
+        if sock is not None:
+            with suppress(OSError):  # wakes a recv() blocked on a frozen server
+                sock.shutdown(socket.SHUT_RDWR)
+        thread.join(timeout)
+        if thread.is_alive():
+            log.warning("health_monitor_still_running", waited=timeout)
+
+    @property
+    def running(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    def wake(self) -> None:
+        """Probe now instead of at the end of the interval."""
+        self._wake.set()
+
+    # -- the loop -----------------------------------------------------------------------
+    def _run(self) -> None:
+        delay = 0.0 if self._mgr.connection_state != "healthy" else self.interval
+        while not self._stopping.is_set():
+            if self._wake.wait(delay):
+                self._wake.clear()
+            if self._stopping.is_set():
+                break
+            try:
+                self.tick()
+            except Exception as exc:  # never let one bad round end the monitor
+                log.warning("health_monitor_round_failed", error=describe(exc))
+            delay = self._next_delay()
+
+    def _next_delay(self) -> float:
+        """The interval, shorter while a breaker is open.
+
+        An open breaker admits application calls as trials once its recovery timeout has
+        passed; probing (and so restarting that timer) more often than that keeps the
+        discovery of recovery off the application's calls.
+        """
+        if all(h.breaker.state is CircuitState.CLOSED for h in self._mgr.hosts):
+            return self.interval
+        return min(self.interval, self._mgr.config.breaker.recovery_timeout / 2)
+
+    def tick(self) -> None:
+        """One round: probe every host, prune, maybe check analytics consistency."""
+        future = self.probe.submit()
+        deadline = time.monotonic() + self.probe_wait()
+        while not future.done():  # wait for the probes, but let stop() end the wait
+            if self._stopping.wait(0.02) or time.monotonic() > deadline:
+                return
+        report = future.result()
+        for host in self._mgr.hosts:
+            pruned = host.pool.prune()
+            if pruned:
+                self.pruned_total += pruned
+                log.info("pool_pruned", host=host.label, connections=pruned)
+        if self._consistency_due(report):
+            self.consistency.submit()  # runs in its own thread: never delays a probe
+
+    def probe_wait(self) -> float:
+        """How long a caller may wait for one round of probes."""
+        return self.probe_timeout * len(self._mgr.hosts) + SLACK
+
+    def report_wait(self) -> float:
+        """How long a caller may wait for dependency or consistency checks."""
+        return self.probe_timeout * (6 * len(self._mgr.hosts) + 2) + SLACK
+
+    def probe_max_age(self) -> float:
+        """How old a probe report may be before health() asks for a new one."""
+        if self.running:
+            return 2 * self.interval + self.probe_timeout
+        return min(self.interval, 5.0)
+
+    def _consistency_due(self, probe: Report) -> bool:
+        if not self._mgr.config.analytics_tables or self.consistency.running:
+            return False
+        if not any(result["ok"] for result in probe["hosts"].values()):
+            return False
+        age = self.consistency.age()
+        return age is None or age >= self.consistency_interval
+
+    # -- probing ------------------------------------------------------------------------
+    def _probe_all(self) -> Report:
+        mgr = self._mgr
+        started = time.perf_counter()
+        previous = self.probe.latest
+        was_healthy = mgr.connection_state == "healthy"
+        results: dict[str, dict[str, Any]] = {}
+        for host in mgr.hosts:
+            if mgr.closed:
+                break
+            before = None if previous is None else previous["hosts"].get(host.label)
+            results[host.label] = self._probe_host(host, before)
+        state = self._apply(results, was_healthy)
+        return {
+            "checked_at": utc_iso(time.time()),
+            "duration_ms": elapsed_ms(started),
+            "state": state,
+            "hosts": results,
+        }
+
+    def _probe_host(self, host: HostState, before: dict[str, Any] | None) -> dict[str, Any]:
+        gauges = host.pool.status()
+        if gauges["checked_out"] >= gauges["max_connections"]:
+            # Checking out would wait for the pool's timeout; the traffic says enough.
+            ok = True if before is None else bool(before["ok"])
+            return {"ok": ok, "latency_ms": None, "error": None, "skipped": "pool busy"}
+        started = time.perf_counter()
+        self.probes_total += 1
+        try:
+            with host.pool.connection(self.probe_timeout) as conn:
+                self._inflight = conn
+                conn.client.execute("SELECT 1")
+        except Exception as exc:
+            self.probe_failures_total += 1
+            host.breaker.record_probe(False, exc)
+            return {
+                "ok": False,
+                "latency_ms": elapsed_ms(started),
+                "error": describe(exc),
+                "error_kind": classify(exc).value,
+            }
+        finally:
+            self._inflight = None
+        host.breaker.record_probe(True)
+        self._mgr.metrics_registry.success()
+        return {"ok": True, "latency_ms": elapsed_ms(started), "error": None}
+
+    def _apply(self, results: dict[str, dict[str, Any]], was_healthy: bool) -> str:
+        """Derive ``connection_state`` from the probes; log and act on changes."""
+        mgr = self._mgr
+        oks = [r["ok"] for r in results.values()]
+        if oks and all(oks):
+            closed = all(h.breaker.state is CircuitState.CLOSED for h in mgr.hosts)
+            state = "healthy" if closed else "degraded"
+        elif any(oks):
+            state = "degraded"
+        else:
+            state = "unhealthy"
+        if mgr.closed:
+            return "closed"
+        previous, mgr.connection_state = mgr.connection_state, state
+        if state == "healthy" and not was_healthy:
+            mgr._mark_success()  # also clears the failure streak app calls left behind
+            log.info("clickhouse_recovered", previous_state=previous)
+            self._wake_spool()
+        elif state != previous:
+            errors = {label: r["error"] for label, r in results.items() if not r["ok"]}
+            log.warning(
+                "clickhouse_health_changed", state=state, previous_state=previous, errors=errors
+            )
+        return state
+
+    def _wake_spool(self) -> None:
+        """Let the spool replayer (if this manager has one) deliver what waited."""
+        for name in ("replayer", "spool"):
+            wake = getattr(getattr(self._mgr, name, None), "wake", None)
+            if callable(wake):
+                try:
+                    wake()
+                except Exception as exc:
+                    log.warning("spool_wake_failed", error=describe(exc))
+                return

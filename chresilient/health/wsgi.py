@@ -1,0 +1,223 @@
+"""``health_wsgi_app``: the health endpoints as a plain WSGI application.
+
+Routes (under ``/health/clickhouse``; the app may be mounted under any prefix, it routes on
+``PATH_INFO``): ``GET /``, ``/connection``, ``/metrics``, ``/dependencies``,
+``/analytics``, ``/ready`` and ``POST /reconnect``. healthy and degraded answer 200,
+unhealthy 503; bodies are JSON, except Prometheus text from ``/metrics`` when asked for.
+Every JSON body has the password scrubbed as a last line of defence.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+from collections.abc import Iterable
+from typing import TYPE_CHECKING, Any, Callable
+from urllib.parse import parse_qs
+
+import structlog
+
+from ..errors import describe
+from ..prometheus import exposition
+from .common import Report, SingleFlight, scrub
+from .status import build_health, connection_report
+
+if TYPE_CHECKING:
+    from ..manager import ClickHouseConnectionManager
+
+log = structlog.get_logger("chresilient.health")
+
+BASE = "/health/clickhouse"
+JSON = "application/json; charset=utf-8"
+# How long /dependencies and /analytics reuse a report before running the checks again.
+REPORT_MAX_AGE = 30.0
+StartResponse = Callable[..., Any]
+Response = tuple[int, Any, str]
+_REASONS = {
+    200: "OK",
+    401: "Unauthorized",
+    403: "Forbidden",
+    404: "Not Found",
+    405: "Method Not Allowed",
+    500: "Internal Server Error",
+    503: "Service Unavailable",
+    504: "Gateway Timeout",
+}
+
+
+class HealthApp:
+    """The WSGI callable; see the module docstring and docs/health.md."""
+
+    def __init__(
+        self,
+        mgr: ClickHouseConnectionManager,
+        reconnect_token: str | None = None,
+        show_details: bool = True,
+        reconnect_timeout: float = 10.0,
+    ) -> None:
+        self.mgr = mgr
+        self.show_details = show_details
+        self.reconnect_timeout = reconnect_timeout
+        self._token = reconnect_token or None
+        self._reconnect: SingleFlight[Report] = SingleFlight(mgr.reconnect, "chresilient-reconnect")
+        self._routes: dict[str, tuple[str, Callable[[dict[str, Any]], Response]]] = {
+            "": ("GET", self._health),
+            "/connection": ("GET", self._connection),
+            "/metrics": ("GET", self._metrics),
+            "/dependencies": ("GET", self._dependencies),
+            "/analytics": ("GET", self._analytics),
+            "/ready": ("GET", self._ready),
+            "/reconnect": ("POST", self._reconnect_route),
+        }
+
+    def __call__(self, environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
+        subpath = _subpath(environ)
+        route = None if subpath is None else self._routes.get(subpath)
+        if route is None:
+            return _send(start_response, 404, {"error": "not found"}, JSON, environ)
+        method, handler = route
+        requested = str(environ.get("REQUEST_METHOD", "GET")).upper()
+        allowed = (method, "HEAD") if method == "GET" else (method,)
+        if requested not in allowed:
+            body = {"error": f"method {requested} not allowed; use {method}"}
+            return _send(start_response, 405, body, JSON, environ, [("Allow", ", ".join(allowed))])
+        try:
+            status, body, content_type = handler(environ)
+        except Exception as exc:
+            log.warning(
+                "health_endpoint_failed", path=environ.get("PATH_INFO"), error=describe(exc)
+            )
+            status, body, content_type = 500, {"error": describe(exc)}, JSON
+        headers = [("WWW-Authenticate", "Bearer")] if status == 401 else []
+        if content_type == JSON:
+            body = scrub(body, self.mgr.config.password)
+        return _send(start_response, status, body, content_type, environ, headers)
+
+    # -- routes ---------------------------------------------------------------------------
+    def _health(self, environ: dict[str, Any]) -> Response:
+        report = build_health(self.mgr)
+        if not self.show_details:
+            report = {k: report[k] for k in ("status", "timestamp", "connection_state")}
+        return _by_status(report["status"]), report, JSON
+
+    def _connection(self, environ: dict[str, Any]) -> Response:
+        report = connection_report(self.mgr)
+        if not self.show_details:
+            report = {k: report[k] for k in ("status", "connection_state", "checked_at")}
+        return _by_status(report["status"]), report, JSON
+
+    def _metrics(self, environ: dict[str, Any]) -> Response:
+        fmt = _query(environ).get("format", "")
+        accept = str(environ.get("HTTP_ACCEPT", ""))
+        wants_text = fmt in ("prometheus", "text") or (
+            fmt != "json" and ("text/plain" in accept or "openmetrics" in accept)
+        )
+        if wants_text:
+            body, content_type = exposition(self.mgr)
+            return 200, body, content_type
+        return 200, self.mgr.metrics(), JSON
+
+    def _cached(self, environ: dict[str, Any], cache: Any, summary: tuple[str, ...]) -> Report:
+        timeout = self.mgr.monitor.report_wait()
+        if _query(environ).get("refresh") in ("1", "true", "yes"):
+            report: Report = cache.refresh(timeout)
+        else:
+            report = cache.get(REPORT_MAX_AGE, timeout)
+        return report if self.show_details else {k: report[k] for k in summary}
+
+    def _dependencies(self, environ: dict[str, Any]) -> Response:
+        try:
+            report = self._cached(
+                environ, self.mgr.monitor.dependencies, ("overall_status", "checked_at")
+            )
+        except TimeoutError:
+            return 504, {"error": "dependency validation is still running"}, JSON
+        return (200 if report["overall_status"] == "passed" else 503), report, JSON
+
+    def _analytics(self, environ: dict[str, Any]) -> Response:
+        try:
+            report = self._cached(
+                environ, self.mgr.monitor.consistency, ("overall_consistent", "checked_at")
+            )
+        except TimeoutError:
+            return 504, {"error": "the analytics consistency check is still running"}, JSON
+        return (200 if report["overall_consistent"] else 503), report, JSON
+
+    def _ready(self, environ: dict[str, Any]) -> Response:
+        health = build_health(self.mgr)
+        ready = health["status"] != "unhealthy"
+        body: Report = {"ready": ready, "status": health["status"]}
+        if self.show_details and not ready:
+            body["reasons"] = health["reasons"]
+        return (200 if ready else 503), body, JSON
+
+    def _reconnect_route(self, environ: dict[str, Any]) -> Response:
+        if self._token is None:
+            return 403, {"error": "reconnect is disabled: no reconnect token is configured"}, JSON
+        scheme, _, given = str(environ.get("HTTP_AUTHORIZATION", "")).partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(
+            given.strip().encode(), self._token.encode()
+        ):
+            return 401, {"error": "a valid bearer token is required"}, JSON
+        log.info("reconnect_requested", remote=environ.get("REMOTE_ADDR"))
+        try:
+            result = self._reconnect.run(self.reconnect_timeout)
+        except TimeoutError:
+            body = {"error": f"reconnect still running after {self.reconnect_timeout:.0f}s"}
+            return 504, body, JSON
+        return (200 if result.get("reconnected") else 503), result, JSON
+
+
+def health_wsgi_app(
+    mgr: ClickHouseConnectionManager,
+    reconnect_token: str | None = None,
+    show_details: bool = True,
+    reconnect_timeout: float = 10.0,
+) -> HealthApp:
+    """The health endpoints of ``mgr`` as a WSGI application.
+
+    ``reconnect_token`` enables ``POST /health/clickhouse/reconnect`` (bearer auth);
+    ``show_details=False`` trims bodies to the status fields for endpoints exposed beyond
+    the cluster.
+    """
+    return HealthApp(mgr, reconnect_token, show_details, reconnect_timeout)
+
+
+def _subpath(environ: dict[str, Any]) -> str | None:
+    """The route below ``/health/clickhouse``, whether that is in PATH_INFO or the mount."""
+    path = str(environ.get("PATH_INFO") or "").rstrip("/")
+    if path == BASE or path.startswith(BASE + "/"):
+        return path[len(BASE) :]
+    if str(environ.get("SCRIPT_NAME") or "").rstrip("/").endswith(BASE):
+        return path
+    return None
+
+
+def _query(environ: dict[str, Any]) -> dict[str, str]:
+    parsed = parse_qs(str(environ.get("QUERY_STRING") or ""))
+    return {k: v[-1] for k, v in parsed.items()}
+
+
+def _by_status(status: str) -> int:
+    return 503 if status == "unhealthy" else 200
+
+
+def _send(
+    start_response: StartResponse,
+    status: int,
+    body: Any,
+    content_type: str,
+    environ: dict[str, Any],
+    headers: list[tuple[str, str]] | None = None,
+) -> list[bytes]:
+    data = body if isinstance(body, bytes) else json.dumps(body, default=str).encode()
+    start_response(
+        f"{status} {_REASONS.get(status, 'OK')}",
+        [
+            ("Content-Type", content_type),
+            ("Content-Length", str(len(data))),
+            ("Cache-Control", "no-store"),
+            *(headers or []),
+        ],
+    )
+    return [] if environ.get("REQUEST_METHOD", "GET").upper() == "HEAD" else [data]

@@ -1,0 +1,403 @@
+"""``insert`` and ``insert_batches``: deliver now, or spool what ClickHouse cannot take.
+
+A batch gets a stable id before its first attempt; the same id is its
+``insert_deduplication_token`` live and on replay, so on servers that have the setting
+(22.x+, on tables that deduplicate) an insert whose outcome was unknown is not stored
+twice. Only "ClickHouse is unavailable" sends a batch to the spool (transport errors,
+retries or budget spent, breaker open); an error about the rows themselves (unknown
+table, type mismatch) is raised, so bad data never loops in the spool.
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+import uuid
+from collections.abc import Iterable, Mapping, Sequence, Sized
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Union
+
+import structlog
+
+from .errors import ClickHouseUnavailableError, InvalidBatchError, describe
+from .replay import Spool, SpoolReplayer
+from .spool import SpooledBatch, SpoolStore
+
+if TYPE_CHECKING:
+    from .manager import ClickHouseConnectionManager
+
+log = structlog.get_logger("chresilient.spool")
+
+DEDUP_SETTING = "insert_deduplication_token"
+DEFAULT_BATCH_SIZE = 10_000
+# insert_batches() without a progress bar logs one line per this many batches.
+LOG_EVERY_BATCHES = 100
+# A replay lease outlives the longest call the retry policy allows by this much.
+LEASE_MARGIN = 30.0
+
+TableName = Union[str, tuple[str, str]]
+
+SPOOL_COUNTERS = (
+    "spool_batches_written",
+    "spool_rows_written",
+    "spool_batches_replayed",
+    "spool_rows_replayed",
+    "spool_batches_set_aside",
+    "spool_dropped_batches",
+    "spool_dropped_rows",
+)
+
+
+@dataclass(frozen=True)
+class InsertResult:
+    """The outcome of ``insert``: delivered to ClickHouse now, or spooled for later.
+
+    ``error`` says why a spooled batch was not delivered (never any row contents).
+    """
+
+    rows: int
+    delivered: bool
+    spooled: bool
+    batch_id: str
+    error: str | None = None
+
+
+@dataclass
+class InsertTotals:
+    """The outcome of ``insert_batches``."""
+
+    rows: int = 0
+    rows_delivered: int = 0
+    rows_spooled: int = 0
+    batches: int = 0
+    batches_delivered: int = 0
+    batches_spooled: int = 0
+    seconds: float = 0.0
+
+    def add(self, result: InsertResult) -> None:
+        self.rows += result.rows
+        self.batches += 1
+        if result.spooled:
+            self.rows_spooled += result.rows
+            self.batches_spooled += 1
+        else:
+            self.rows_delivered += result.rows
+            self.batches_delivered += 1
+
+
+# -- identifiers and rows ----------------------------------------------------------------
+def quote_identifier(name: str) -> str:
+    """``name`` in backticks, with backslashes and backticks escaped."""
+    if not isinstance(name, str) or not name or "\x00" in name:
+        raise InvalidBatchError(f"bad identifier {name!r}")
+    return "`" + name.replace("\\", "\\\\").replace("`", "\\`") + "`"
+
+
+def quote_table(table: TableName) -> str:
+    """``"db.table"`` (split at the first dot), ``("db", "table")`` or ``"table"``, quoted."""
+    if isinstance(table, tuple):
+        if len(table) != 2:
+            raise InvalidBatchError(f"table must be 'name', 'db.name' or (db, name): {table!r}")
+        database, name = table
+    elif isinstance(table, str) and "." in table:
+        database, _, name = table.partition(".")
+    else:
+        return quote_identifier(table)
+    return f"{quote_identifier(database)}.{quote_identifier(name)}"
+
+
+def insert_query(table_sql: str, columns: Sequence[str] | None) -> str:
+    cols = f" ({', '.join(quote_identifier(c) for c in columns)})" if columns else ""
+    return f"INSERT INTO {table_sql}{cols} VALUES"
+
+
+def shape_rows(
+    rows: Iterable[Any], column_names: Sequence[str] | None, *, offset: int = 0
+) -> tuple[list[Any], tuple[str, ...] | None]:
+    """Check every row has one value per column; dict rows become tuples.
+
+    Raises :class:`InvalidBatchError` naming the first bad row (by index, not content).
+    """
+    batch = rows if isinstance(rows, list) else list(rows)
+    names = None if column_names is None else tuple(column_names)
+    if names is not None and (
+        isinstance(column_names, str) or not all(isinstance(n, str) and n for n in names)
+    ):
+        raise InvalidBatchError(f"column_names must be a sequence of names, got {column_names!r}")
+    if not batch:
+        return batch, names
+    if isinstance(batch[0], Mapping):
+        return _dict_rows(batch, names, offset)
+    width = len(names) if names is not None else _width(batch[0], offset)
+    for i, row in enumerate(batch):
+        if isinstance(row, (str, bytes, Mapping)) or _width(row, offset + i) != width:
+            raise InvalidBatchError(_shape_message(row, offset + i, width, names))
+    return batch, names
+
+
+def _width(row: Any, index: int) -> int:
+    try:
+        return len(row)
+    except TypeError:
+        raise InvalidBatchError(
+            f"row {index} is a {type(row).__name__}, not a sequence of values"
+        ) from None
+
+
+def _shape_message(row: Any, index: int, width: int, names: tuple[str, ...] | None) -> str:
+    got = f"a {type(row).__name__}" if isinstance(row, (str, bytes, Mapping)) else len(row)
+    where = f"{width} columns ({', '.join(names)})" if names else f"{width} values like row 0"
+    return f"row {index} has {got} values, expected {where}; nothing was inserted or spooled"
+
+
+def _dict_rows(
+    batch: list[Any], names: tuple[str, ...] | None, offset: int
+) -> tuple[list[Any], tuple[str, ...]]:
+    keys = names if names is not None else tuple(batch[0])
+    out = []
+    for i, row in enumerate(batch):
+        if not isinstance(row, Mapping) or len(row) != len(keys):
+            raise InvalidBatchError(_shape_message(row, offset + i, len(keys), keys))
+        try:
+            out.append(tuple(row[k] for k in keys))
+        except KeyError as err:
+            raise InvalidBatchError(
+                f"row {offset + i} has no column {err.args[0]!r}; nothing was inserted or spooled"
+            ) from None
+    return out, keys
+
+
+# -- delivery -------------------------------------------------------------------------------
+def deliver(
+    mgr: ClickHouseConnectionManager,
+    table_sql: str,
+    columns: Sequence[str] | None,
+    rows: Sequence[Any],
+    settings: Mapping[str, Any] | None,
+    batch_id: str,
+) -> None:
+    """One INSERT through the manager's retry/breaker path, with the batch id as token.
+
+    The manager drops the token on servers without it (delivery is then at least once).
+    """
+    sets = dict(settings or {})
+    sets[DEDUP_SETTING] = batch_id
+    mgr.execute(insert_query(table_sql, columns), rows, settings=sets)
+    mgr.metrics_registry.incr("inserts_total")
+    mgr.metrics_registry.incr("rows_inserted", len(rows))
+
+
+def deliver_spooled(mgr: ClickHouseConnectionManager, batch: SpooledBatch) -> None:
+    deliver(mgr, batch.table, batch.columns, batch.decode_rows(), batch.settings, batch.batch_id)
+
+
+class Inserter:
+    """``mgr.insert`` and ``mgr.insert_batches``."""
+
+    def __init__(self, mgr: ClickHouseConnectionManager, spool: Spool | None) -> None:
+        self.mgr = mgr
+        self.spool = spool
+        self._warned_not_running = False
+
+    def insert(
+        self,
+        table: TableName,
+        rows: Iterable[Any],
+        column_names: Sequence[str] | None = None,
+        *,
+        settings: Mapping[str, Any] | None = None,
+        _offset: int = 0,
+    ) -> InsertResult:
+        table_sql = quote_table(table)
+        batch, names = shape_rows(rows, column_names, offset=_offset)
+        batch_id = str((settings or {}).get(DEDUP_SETTING) or uuid.uuid4().hex)
+        if not batch:
+            return InsertResult(rows=0, delivered=True, spooled=False, batch_id=batch_id)
+        try:
+            deliver(self.mgr, table_sql, names, batch, settings, batch_id)
+        except ClickHouseUnavailableError as err:
+            if self.spool is None:
+                raise
+            return self._to_spool(table_sql, names, batch, settings, batch_id, err)
+        if self.spool is not None:
+            self.spool.replayer.nudge()
+        return InsertResult(rows=len(batch), delivered=True, spooled=False, batch_id=batch_id)
+
+    def _to_spool(
+        self,
+        table_sql: str,
+        names: tuple[str, ...] | None,
+        batch: list[Any],
+        settings: Mapping[str, Any] | None,
+        batch_id: str,
+        err: ClickHouseUnavailableError,
+    ) -> InsertResult:
+        assert self.spool is not None
+        sets = {k: v for k, v in (settings or {}).items() if k != DEDUP_SETTING}
+        reason = describe(err.last_error if err.last_error is not None else err)
+        try:
+            put = self.spool.store.put(
+                table_sql,
+                names,
+                batch,
+                batch_id=batch_id,
+                settings=sets or None,
+                on_full=self.spool.wake,
+            )
+        except Exception as spool_err:
+            log.error(
+                "insert_not_spooled",
+                table=table_sql,
+                rows=len(batch),
+                batch_id=batch_id,
+                error=describe(spool_err),
+                clickhouse_error=reason,
+            )
+            raise spool_err from err
+        self.spool.replayer.spooled()
+        if not self.spool.replayer.running and not self._warned_not_running:
+            self._warned_not_running = True
+            log.warning(
+                "spool_replayer_not_running",
+                hint="spooled batches are replayed once mgr.start() runs, or by spool.replay()",
+            )
+        metrics = self.mgr.metrics_registry
+        metrics.incr("spool_batches_written")
+        metrics.incr("spool_rows_written", len(batch))
+        if put.dropped_batches:
+            metrics.incr("spool_dropped_batches", put.dropped_batches)
+            metrics.incr("spool_dropped_rows", put.dropped_rows)
+        log.warning(
+            "insert_spooled",
+            table=table_sql,
+            rows=len(batch),
+            batch_id=batch_id,
+            bytes=put.bytes,
+            error=reason,
+        )
+        return InsertResult(
+            rows=len(batch), delivered=False, spooled=True, batch_id=batch_id, error=reason
+        )
+
+    def insert_batches(
+        self,
+        table: TableName,
+        rows_iterable: Iterable[Any],
+        batch_size: int = DEFAULT_BATCH_SIZE,
+        column_names: Sequence[str] | None = None,
+        progress: bool | None = None,
+        *,
+        settings: Mapping[str, Any] | None = None,
+        token_prefix: str | None = None,
+        log_every: int = LOG_EVERY_BATCHES,
+    ) -> InsertTotals:
+        """Stream ``rows_iterable`` in batches of ``batch_size``; memory stays bounded.
+
+        ``progress=True`` shows a tqdm bar; ``None`` logs a line every ``log_every``
+        batches; ``False`` is silent. ``token_prefix`` makes batch ids (dedup tokens)
+        ``<prefix>-<n>``, so re-running the same job does not duplicate on servers that
+        deduplicate.
+        """
+        if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
+            raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+        if settings and DEDUP_SETTING in settings:
+            raise ValueError(
+                f"{DEDUP_SETTING} would be the same for every batch; use token_prefix instead"
+            )
+        totals = InsertTotals()
+        started = time.monotonic()
+        bar = _progress_bar(rows_iterable) if progress else None
+        names = None if column_names is None else tuple(column_names)
+        source = iter(rows_iterable)
+        try:
+            while True:
+                chunk = list(itertools.islice(source, batch_size))
+                if not chunk:
+                    break
+                if names is None and isinstance(chunk[0], Mapping):
+                    names = tuple(chunk[0])  # every later batch uses the same columns
+                sets = dict(settings or {})
+                if token_prefix is not None:
+                    sets[DEDUP_SETTING] = f"{token_prefix}-{totals.batches}"
+                try:
+                    result = self.insert(table, chunk, names, settings=sets, _offset=totals.rows)
+                except InvalidBatchError as err:
+                    raise InvalidBatchError(
+                        f"batch {totals.batches}: {err} (earlier batches: "
+                        f"{totals.rows_delivered} rows delivered, {totals.rows_spooled} spooled)"
+                    ) from None
+                totals.add(result)
+                del chunk
+                if bar is not None:
+                    bar.update(result.rows)
+                    if totals.rows_spooled:
+                        bar.set_postfix(spooled=totals.rows_spooled, refresh=False)
+                elif progress is None and totals.batches % max(log_every, 1) == 0:
+                    log.info("insert_batches_progress", table=str(table), **_summary(totals))
+        finally:
+            if bar is not None:
+                bar.close()
+        totals.seconds = round(time.monotonic() - started, 3)
+        if progress is not False:
+            log.info("insert_batches_done", table=str(table), **_summary(totals))
+        return totals
+
+
+def _summary(totals: InsertTotals) -> dict[str, Any]:
+    return {
+        "batches": totals.batches,
+        "rows": totals.rows,
+        "rows_spooled": totals.rows_spooled,
+    }
+
+
+def _progress_bar(rows: Iterable[Any]) -> Any:
+    from tqdm import tqdm  # imported lazily: only ETL jobs asking for a bar pay for it
+
+    total = len(rows) if isinstance(rows, Sized) else None
+    return tqdm(total=total, unit="rows", unit_scale=True, desc="insert", leave=True)
+
+
+# -- wiring ---------------------------------------------------------------------------------
+def spool_target(mgr: ClickHouseConnectionManager) -> str:
+    """Which ClickHouse a spooled batch belongs to: the primary host and the database."""
+    return f"{mgr.hosts[0].label}/{mgr.config.database}"
+
+
+def open_spool(mgr: ClickHouseConnectionManager) -> Spool | None:
+    """The manager's spool, or None when disabled. Raises ``ConfigError`` for a bad dir."""
+    cfg = mgr.config
+    if not cfg.spool_enabled:
+        return None
+    store = SpoolStore(
+        cfg.resolved_spool_dir,
+        target=spool_target(mgr),
+        max_bytes=cfg.spool_max_bytes,
+        full_policy=cfg.spool_full_policy,
+        block_timeout=cfg.spool_block_timeout,
+    )
+    for counter in SPOOL_COUNTERS:  # present (at 0) in metrics() from the start
+        mgr.metrics_registry.incr(counter, 0)
+    retry = cfg.retry
+    longest_call = retry.total_timeout or retry.max_attempts * (
+        retry.timeout_per_attempt + retry.max_delay
+    )
+    replayer = SpoolReplayer(
+        store,
+        lambda batch: deliver_spooled(mgr, batch),
+        metrics=mgr.metrics_registry,
+        interval=cfg.spool_replay_interval,
+        lease_seconds=longest_call + LEASE_MARGIN,
+        busy=lambda: _pool_busy(mgr),
+    )
+    return Spool(
+        store,
+        replayer,
+        guarantee=lambda: "exactly_once" if mgr.supports(DEDUP_SETTING) else "at_least_once",
+    )
+
+
+def _pool_busy(mgr: ClickHouseConnectionManager) -> bool:
+    """Live traffic holds every steady connection: the replayer should wait its turn."""
+    gauges = [h.pool.status() for h in mgr.hosts]
+    return sum(g["checked_out"] for g in gauges) >= sum(g["size"] for g in gauges)

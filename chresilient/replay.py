@@ -1,0 +1,375 @@
+"""Replaying the spool: a background thread and the ``Spool`` object callers see.
+
+A replay *pass* holds the target's replay lock (one replayer per spool directory and
+target at a time, so N gunicorn workers do not all hammer a recovering server), then
+claims batches in order per table, delivers each whole with its batch id as dedup token,
+and deletes it only after ClickHouse acknowledged it. The pass stops at the first sign
+that ClickHouse is unavailable (the breaker and the retry budget decide, through the
+manager's normal call path) and the thread backs off until the next poll or ``wake()``.
+Live traffic goes first: one batch at a time on one connection, with a short pause
+between batches and a longer one while the pool is fully busy.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import structlog
+from clickhouse_driver import errors as driver_errors
+
+from .codec import SpoolDecodeError
+from .errors import (
+    CircuitOpenError,
+    ClickHouseUnavailableError,
+    ClientClosedError,
+    ErrorKind,
+    classify,
+    describe,
+)
+from .metrics import Metrics
+from .spool import SpooledBatch, SpoolStore, SpoolTotals
+
+log = structlog.get_logger("chresilient.spool")
+
+# Pause between two replayed batches, and the longest wait for a busy pool to free up.
+REPLAY_PAUSE = 0.002
+BUSY_WAIT = 0.05
+BUSY_WAITS_MAX = 10
+# First backoff after an unavailable server; doubles up to the poll interval.
+FIRST_BACKOFF = 0.5
+
+
+@dataclass
+class ReplayReport:
+    """What one replay pass did. ``outcome``: drained, partial (limit reached),
+    unavailable, busy (another replayer holds the lock), empty, stopped."""
+
+    outcome: str = "drained"
+    batches: int = 0
+    rows: int = 0
+    set_aside: int = 0
+    last_error: str | None = None
+    retry_after: float | None = None
+    seconds: float = 0.0
+    skipped_tables: list[str] = field(default_factory=list)
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class SpoolReplayer:
+    """The background service that drains the spool (see the module docstring)."""
+
+    def __init__(
+        self,
+        store: SpoolStore,
+        deliver: Callable[[SpooledBatch], None],
+        *,
+        metrics: Metrics,
+        interval: float,
+        lease_seconds: float,
+        busy: Callable[[], bool] = lambda: False,
+        pause: float = REPLAY_PAUSE,
+    ) -> None:
+        self.store = store
+        self._deliver = deliver
+        self._metrics = metrics
+        self.interval = interval
+        self.lease_seconds = lease_seconds
+        self._busy = busy
+        self.pause = pause
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._lock = threading.Lock()
+        self._backing_off = False
+        self._spooled_since_pass = False
+        self.last_error: str | None = None
+        self.last_error_wall: float | None = None
+        self.last_pass: ReplayReport | None = None
+        self.last_delivery_wall: float | None = None
+
+    # -- service ------------------------------------------------------------------------
+    def start(self) -> None:
+        with self._lock:
+            if self._thread is not None and self._thread.is_alive():
+                return
+            self._stop.clear()
+            self._thread = threading.Thread(
+                target=self._run, name="chresilient-spool-replayer", daemon=True
+            )
+            self._thread.start()
+
+    def stop(self, timeout: float) -> None:
+        """Ask the thread to stop and wait up to ``timeout`` s. A delivery in flight ends
+        on its own (its lease keeps the batch safe); the thread is a daemon."""
+        self._stop.set()
+        self._wake.set()
+        thread = self._thread
+        if thread is not None:
+            thread.join(max(timeout, 0.0))
+            if thread.is_alive():
+                log.warning("spool_replayer_still_running", waited=round(timeout, 3))
+                return
+        self.store.close()  # reopened on demand (status() after close still works)
+
+    @property
+    def running(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    def wake(self) -> None:
+        """Replay now (the health monitor calls this when ClickHouse recovers)."""
+        self._wake.set()
+
+    def spooled(self) -> None:
+        """This process just spooled a batch (see :meth:`nudge`)."""
+        self._spooled_since_pass = True
+
+    def nudge(self) -> None:
+        """A live insert just succeeded: if replay was failing, or this process spooled
+        since the last pass, the server is back and the spool should drain now."""
+        if self._backing_off or self._spooled_since_pass:
+            self._wake.set()
+
+    def _run(self) -> None:
+        delay = 0.0  # drain what an earlier run of the process left behind, at once
+        backoff = FIRST_BACKOFF
+        while not self._stop.is_set():
+            self._wake.wait(delay)
+            self._wake.clear()
+            if self._stop.is_set():
+                break
+            self._spooled_since_pass = False
+            try:
+                report = self._replay(None, self._stop)
+            except Exception as exc:  # e.g. the spool's disk failed; try again later
+                report = ReplayReport(outcome="error", last_error=describe(exc))
+                log.error("spool_replay_error", error=describe(exc))
+            if report.outcome in ("unavailable", "error"):
+                self._backing_off = True
+                wait = max(backoff, report.retry_after or 0.0)
+                delay = min(wait, self.interval)
+                backoff = min(backoff * 2, self.interval)
+            else:
+                self._backing_off = False
+                backoff = FIRST_BACKOFF
+                delay = self.interval
+
+    # -- one pass ---------------------------------------------------------------------------
+    def replay(self, limit: int | None = None) -> ReplayReport:
+        """Deliver up to ``limit`` batches now, in order per table; returns a report."""
+        return self._replay(limit, None)
+
+    def _replay(self, limit: int | None, stop: threading.Event | None) -> ReplayReport:
+        started = time.monotonic()
+        report = ReplayReport()
+        if self.store.totals().batches == 0:
+            report.outcome = "empty"
+            return report
+        with self.store.replay_lock() as held:
+            if held is False:
+                report.outcome = "busy"
+                return report
+            self._pass(report, limit, stop, steal=held is True)
+        report.seconds = round(time.monotonic() - started, 3)
+        self.last_pass = report
+        if report.batches or report.set_aside:
+            log.info(
+                "spool_replayed",
+                outcome=report.outcome,
+                batches=report.batches,
+                rows=report.rows,
+                set_aside=report.set_aside,
+                seconds=report.seconds,
+            )
+        if report.outcome == "drained":
+            self.store.compact()
+        return report
+
+    def _pass(
+        self,
+        report: ReplayReport,
+        limit: int | None,
+        stop: threading.Event | None,
+        *,
+        steal: bool,
+    ) -> None:
+        skip: list[str] = report.skipped_tables
+        while limit is None or report.batches + report.set_aside < limit:
+            if stop is not None and stop.is_set():
+                report.outcome = "stopped"
+                return
+            batch = self.store.claim(
+                lease_seconds=self.lease_seconds, skip_tables=skip, steal=steal
+            )
+            if batch is None:
+                if skip:  # some tables must be tried again later
+                    report.outcome = "unavailable"
+                return
+            if not self._replay_one(batch, report):
+                return
+            self._breathe()
+        report.outcome = "partial"
+
+    def _replay_one(self, batch: SpooledBatch, report: ReplayReport) -> bool:
+        """Deliver one claimed batch; False when the pass should end."""
+        try:
+            self._deliver(batch)
+        except ClientClosedError:
+            self.store.release(batch, None)
+            report.outcome = "stopped"
+            return False
+        except ClickHouseUnavailableError as err:
+            self._failed(report, batch, err)
+            self.store.release(batch, report.last_error)
+            if _table_specific(err):  # e.g. TOO_MANY_PARTS on this table: others may go
+                report.skipped_tables.append(batch.table)
+                return True
+            report.outcome = "unavailable"
+            if isinstance(err, CircuitOpenError):
+                report.retry_after = err.retry_after
+            return False
+        except Exception as err:
+            self._failed(report, batch, err)
+            kind = classify(err)
+            if kind is ErrorKind.AUTH:  # the credentials are wrong, not the batch
+                self.store.release(batch, report.last_error)
+                report.outcome = "unavailable"
+                return False
+            if isinstance(err, SpoolDecodeError) and err.newer:
+                # Written by a newer release (a rolling deploy): leave it for that one.
+                self.store.release(batch, report.last_error)
+                report.skipped_tables.append(batch.table)
+                return True
+            # The server (or the driver) rejected the rows themselves: retrying cannot
+            # help, and the table's queue must not block forever. Kept for inspection.
+            self.store.set_aside(batch, report.last_error or "")
+            report.set_aside += 1
+            self._metrics.incr("spool_batches_set_aside")
+            log.error(
+                "spool_batch_set_aside",
+                table=batch.table,
+                batch_id=batch.batch_id,
+                rows=batch.rows,
+                error=report.last_error,
+            )
+            return True
+        if not self.store.ack(batch):
+            log.warning("spool_lease_lost", table=batch.table, batch_id=batch.batch_id)
+        report.batches += 1
+        report.rows += batch.rows
+        self.last_delivery_wall = time.time()
+        self._metrics.incr("spool_batches_replayed")
+        self._metrics.incr("spool_rows_replayed", batch.rows)
+        return True
+
+    def _failed(self, report: ReplayReport, batch: SpooledBatch, err: BaseException) -> None:
+        report.last_error = describe(err)
+        self.last_error = report.last_error
+        self.last_error_wall = time.time()
+        log.info(
+            "spool_replay_failed",
+            table=batch.table,
+            batch_id=batch.batch_id,
+            attempts=batch.attempts + 1,
+            error=report.last_error,
+        )
+
+    def _breathe(self) -> None:
+        """Leave room for live traffic between two batches."""
+        self._stop.wait(self.pause)
+        for _ in range(BUSY_WAITS_MAX):
+            if not self._busy() or self._stop.wait(BUSY_WAIT):
+                return
+
+
+def _table_specific(err: ClickHouseUnavailableError) -> bool:
+    """The server answered with a transient error (not a dead connection, not the breaker)."""
+    return not isinstance(err, CircuitOpenError) and isinstance(
+        err.last_error, driver_errors.ServerException
+    )
+
+
+class Spool:
+    """The insert spool of one manager: ``mgr.spool``.
+
+    ``status()``, ``replay(limit)``, ``purge(confirm=True)`` are the API the CLI uses;
+    ``wake()`` is for the health monitor; ``health()`` is the section ``health()`` shows.
+    """
+
+    def __init__(
+        self,
+        store: SpoolStore,
+        replayer: SpoolReplayer,
+        guarantee: Callable[[], str],
+    ) -> None:
+        self.store = store
+        self.replayer = replayer
+        self._guarantee = guarantee
+
+    @property
+    def directory(self) -> str:
+        return self.store.directory
+
+    def pending(self) -> SpoolTotals:
+        """Undelivered batches of this target (set-aside ones excluded)."""
+        return self.store.totals()
+
+    def status(self) -> dict[str, Any]:
+        """Everything about the spool, without any row contents."""
+        out = self.store.status()
+        out.update(self._replay_state())
+        return out
+
+    def health(self) -> dict[str, Any]:
+        """The spool section of ``mgr.health()``: cheap (two small index scans)."""
+        pending = self.store.totals()
+        failed = self.store.totals(state=1)
+        used = self.store.totals(all_targets=True)
+        return {
+            "pending_batches": pending.batches,
+            "pending_rows": pending.rows,
+            "pending_bytes": pending.bytes,
+            "failed_batches": failed.batches,
+            "used_bytes": used.bytes,
+            "max_bytes": self.store.max_bytes,
+            "full_policy": self.store.full_policy,
+            "directory": self.store.directory,
+            **self._replay_state(),
+        }
+
+    def _replay_state(self) -> dict[str, Any]:
+        r = self.replayer
+        return {
+            "delivery_guarantee": self._guarantee(),
+            "replayer_running": r.running,
+            "last_replay_error": r.last_error,
+            "last_replay_error_at": _iso(r.last_error_wall),
+            "last_replay_delivery_at": _iso(r.last_delivery_wall),
+        }
+
+    def replay(self, limit: int | None = None) -> ReplayReport:
+        """Replay now, in this thread (the CLI's ``spool replay``)."""
+        return self.replayer.replay(limit)
+
+    def purge(self, confirm: bool = False, *, failed_only: bool = False) -> SpoolTotals:
+        """Delete undelivered batches of this target; ``confirm=True`` is required."""
+        return self.store.purge(confirm=confirm, failed_only=failed_only)
+
+    def requeue_failed(self) -> int:
+        """Retry set-aside batches (after fixing the table they were rejected by)."""
+        count = self.store.requeue_failed()
+        if count:
+            self.wake()
+        return count
+
+    def wake(self) -> None:
+        self.replayer.wake()
+
+
+def _iso(wall: float | None) -> str | None:
+    return None if wall is None else time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(wall))

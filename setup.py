@@ -33,6 +33,7 @@ setup(
             "pytest-docker>=2.0,<4",
             "pytest-timeout>=2.1,<3",
             "hypothesis>=6.80,<7",
+            "PyYAML>=6,<7",
             "waitress>=2.1,<4",
         ],
         "bench": ["clickhouse-pool>=0.5.3,<0.6"],

@@ -22,6 +22,11 @@ if ! command -v clickhouse-server >/dev/null 2>&1 && [ ! -x /usr/sbin/clickhouse
   apt_install clickhouse-server
 fi
 
+# To validate docker/docker-compose.yml in the tests (no Docker engine is needed for that).
+if ! command -v docker-compose >/dev/null 2>&1 && ! docker compose version >/dev/null 2>&1; then
+  apt_install docker-compose
+fi
+
 PYTHON=${PYTHON:-python3}
 if ! command -v "$PYTHON" >/dev/null 2>&1; then
   apt_install python3 python3-venv python3-dev

@@ -55,14 +55,16 @@ class Size:
     failfast_calls: int
     frozen_calls: int
     frozen_cap: float
+    recovery_timeout: float
+    spool_rows: int
 
     @classmethod
     def full(cls) -> Size:
-        return cls(3000, 200, 5.0, 2000, 3, 2.0)
+        return cls(3000, 200, 5.0, 2000, 3, 2.0, 5.0, 1_000_000)
 
     @classmethod
     def quick(cls) -> Size:
-        return cls(30, 5, 0.3, 50, 1, 0.5)
+        return cls(30, 5, 0.3, 50, 1, 0.5, 1.0, 5_000)
 
 
 def _config(server: LocalClickHouse, **changes: Any) -> Config:
@@ -313,6 +315,100 @@ def startup_gate(server: LocalClickHouse, size: Size) -> list[Row]:
                 met=lag <= 1.0)]
 
 
+def recovery(server: LocalClickHouse, size: Size) -> list[Row]:
+    """Scenario 4: server back -> first successful application query, with/without monitor."""
+    rows = []
+    for with_monitor in (True, False):
+        cfg = _config(
+            server,
+            retry=RetryConfig(max_attempts=1, timeout_per_attempt=1.0),
+            breaker=CircuitBreakerConfig(failure_threshold=1,
+                                         recovery_timeout=size.recovery_timeout),
+            pool=ConnectionPoolConfig(health_check_interval=0.5),
+        )
+        mgr = ClickHouseConnectionManager(cfg)
+        try:
+            mgr.execute("SELECT 1")
+            if with_monitor:
+                mgr.start(wait=False)  # the health monitor probes every 0.5 s
+            server.kill()
+            with contextlib.suppress(Exception):
+                mgr.execute("SELECT 1")  # fails: the breaker opens
+            server.start()  # returns once the server answers
+            back = time.monotonic()
+            deadline = back + size.recovery_timeout + 10
+            while time.monotonic() < deadline:
+                try:
+                    mgr.execute("SELECT 1")
+                    break
+                except Exception:
+                    time.sleep(0.01)
+            lag = time.monotonic() - back
+        finally:
+            mgr.close()
+        if with_monitor:
+            rows.append(Row("4. recovery", "chresilient, monitor every 0.5 s",
+                            f"{lag * 1000:.0f} ms to the first successful query",
+                            target="<= 1 s", met=lag <= 1.0))
+        else:
+            rows.append(Row("4. recovery", "chresilient, no monitor",
+                            f"{lag * 1000:.0f} ms", note="waits out the breaker's "
+                            f"recovery_timeout ({size.recovery_timeout:.0f} s)"))
+    return rows
+
+
+def spool(server: LocalClickHouse, size: Size) -> list[Row]:
+    """Scenario 6: rows/s into the spool, rows/s replayed, peak RSS for the spooled rows."""
+    mgr = ClickHouseConnectionManager(_config(server, spool_max_bytes=4 * 1024**3))
+    bare = _bare(server)
+    table = f"bench_spool_{int(time.time())}"
+    mgr.execute(f"CREATE TABLE {table} (id UInt64, name String) ENGINE = MergeTree ORDER BY id")
+    batch = 1000
+    data = [(i, f"event-{i}") for i in range(batch)]
+    try:
+        rss_before = _rss_kib("VmRSS")
+        mgr.hosts[0].breaker.force_open(ConnectionError("benchmark: spool everything"))
+        started = time.perf_counter()
+        for _ in range(size.spool_rows // batch):
+            result = mgr.insert(table, data, ["id", "name"])
+            assert result.spooled
+        write = size.spool_rows / (time.perf_counter() - started)
+        peak = _rss_kib("VmHWM")
+        mgr.hosts[0].breaker.reset()
+        assert mgr.spool is not None
+        started = time.perf_counter()
+        report = mgr.spool.replay()
+        replay = report.rows / (time.perf_counter() - started)
+        started = time.perf_counter()
+        for _ in range(max(1, size.spool_rows // batch // 10)):
+            bare.execute(f"INSERT INTO {table} (id, name) VALUES", data)
+        direct = max(1, size.spool_rows // batch // 10) * batch / (time.perf_counter() - started)
+        stored = mgr.execute(f"SELECT count() FROM {table}")[0][0]
+    finally:
+        mgr.execute(f"DROP TABLE IF EXISTS {table}")
+        mgr.close()
+        bare.disconnect()
+    expected = size.spool_rows + max(1, size.spool_rows // batch // 10) * batch
+    return [
+        Row("6. spool", "bare driver INSERT, 1000-row batches", f"{direct:,.0f} rows/s", 1.0),
+        Row("6. spool", "insert() into the spool (breaker open)", f"{write:,.0f} rows/s",
+            write / direct, note=f"{size.spool_rows:,} rows in {batch}-row batches"),
+        Row("6. spool", "replay into ClickHouse", f"{replay:,.0f} rows/s", replay / direct,
+            note=f"{report.rows:,} rows, outcome {report.outcome}; "
+                 f"{'all rows stored' if stored == expected else f'{stored} of {expected}'}"),
+        Row("6. spool", "peak RSS of the benchmark process",
+            f"{peak / 1024:.0f} MiB", note=f"RSS before spooling {rss_before / 1024:.0f} MiB"),
+    ]
+
+
+def _rss_kib(field: str) -> int:
+    with open("/proc/self/status", encoding="ascii") as status:
+        for line in status:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    return 0
+
+
 def _tcp_connections(client: Client) -> int:
     rows = client.execute("SELECT value FROM system.metrics WHERE metric = 'TCPConnection'")
     return int(rows[0][0])
@@ -322,5 +418,7 @@ SCENARIOS: list[Callable[[LocalClickHouse, Size], list[Row]]] = [
     per_call,
     concurrency,
     fail_fast,
-    startup_gate,
+    recovery,
+    spool,
+    startup_gate,  # last: it stops and restarts the server
 ]

@@ -12,7 +12,8 @@ def test_quick_benchmark_run_writes_a_complete_table(tmp_path: Path) -> None:
     assert main(["--quick", "--output", str(output)]) == 0
     text = output.read_text()
     for scenario in ("1. per call: SELECT 1", "1. per call: 10,000-row select",
-                     "2. concurrency", "3. fail fast", "5. startup gate"):
+                     "2. concurrency", "3. fail fast", "4. recovery", "5. startup gate",
+                     "6. spool"):
         assert scenario in text
     for candidate in ("bare driver Client", "chresilient", "clickhouse-pool",
                       "SQLAlchemy native, pool_pre_ping", "chresilient.sqlalchemy engine"):
@@ -23,3 +24,4 @@ def test_quick_benchmark_run_writes_a_complete_table(tmp_path: Path) -> None:
         ratio = line.split("|")[4].strip()
         assert ratio.endswith("x") and float(ratio[:-1]) > 0
     assert "ClickHouse server" in text and "did not finish" not in text
+    assert "all rows stored" in text  # the spool scenario replayed every spooled row

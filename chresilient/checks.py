@@ -14,12 +14,10 @@ import socket
 import tempfile
 import threading
 import time
-import urllib.request
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from typing import Any
-from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 from .config import CircuitBreakerConfig, Config, RetryConfig
 from .errors import CircuitOpenError, ClickHouseUnavailableError, describe
@@ -27,6 +25,7 @@ from .health.wsgi import health_wsgi_app
 from .ingest import quote_identifier
 from .manager import ClickHouseConnectionManager
 from .testing.faultproxy import FaultProxy
+from .testing.http import request, serve_wsgi
 
 
 @dataclass
@@ -61,36 +60,6 @@ def _ms(seconds: float) -> str:
     if seconds < 0.001:
         return f"{seconds * 1e6:.0f} us"
     return f"{seconds * 1000:.1f} ms"
-
-
-class _QuietHandler(WSGIRequestHandler):
-    def log_message(self, format: str, *args: Any) -> None:
-        return None
-
-
-@contextlib.contextmanager
-def serve_in_thread(app: Any, host: str = "127.0.0.1") -> Iterator[str]:
-    """Serve a WSGI app on a free loopback port; yields its base URL."""
-    server = make_server(host, 0, app, server_class=WSGIServer, handler_class=_QuietHandler)
-    thread = threading.Thread(
-        target=server.serve_forever, kwargs={"poll_interval": 0.1}, daemon=True
-    )
-    thread.start()
-    try:
-        yield f"http://{host}:{server.server_port}"
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join(timeout=2)
-
-
-def _http_get(url: str, headers: dict[str, str] | None = None) -> tuple[int, bytes]:
-    request = urllib.request.Request(url, headers=headers or {})
-    try:
-        with urllib.request.urlopen(request, timeout=10) as response:
-            return int(response.status), response.read()
-    except urllib.error.HTTPError as err:
-        return int(err.code), err.read()
 
 
 class ValidationRun:
@@ -187,14 +156,15 @@ class ValidationRun:
     def endpoints(self) -> CheckResult:
         app = health_wsgi_app(self.mgr)
         figures = []
-        with serve_in_thread(app) as base:
+        with serve_wsgi(app) as base:
             for path in (
                 "/health/clickhouse",
                 "/health/clickhouse/ready",
                 "/health/clickhouse/metrics?format=prometheus",
             ):
                 url = base + path
-                (status, body), took = _timed(lambda url=url: _http_get(url))  # type: ignore[misc]
+                reply, took = _timed(lambda url=url: request(url, timeout=10))  # type: ignore[misc]
+                status, body = reply.status, reply.body
                 _expect(status == 200, f"GET {path} answered {status}, expected 200")
                 _expect(
                     not self.config.password or self.config.password.encode() not in body,

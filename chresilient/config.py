@@ -305,6 +305,9 @@ class Config:
     spool_enabled: bool = True
     spool_block_timeout: float = 30.0
     spool_replay_interval: float = 5.0
+    # Several hosts: a replica whose system.replicas absolute_delay (seconds, read by the
+    # health monitor) exceeds this is used only when every host lags. None: not read.
+    max_replica_delay: float | None = 300.0
 
     def __post_init__(self) -> None:
         for name in ("host", "user", "database", "client_name"):
@@ -354,6 +357,8 @@ class Config:
         )
         _positive(self.spool_block_timeout, "spool_block_timeout", allow_zero=True)
         _positive(self.spool_replay_interval, "spool_replay_interval")
+        if self.max_replica_delay is not None:
+            _positive(self.max_replica_delay, "max_replica_delay")
 
     # -- derived values -------------------------------------------------------------
     @property
@@ -427,6 +432,15 @@ def _url_fields(url: str) -> dict[str, Any]:
         "url",
         f"scheme must be clickhouse:// or clickhouses://, got {scheme!r}",
     )
+    # A password with a raw '/', '?' or '#' would be split off as path, query or fragment,
+    # and the errors below would then quote pieces of it: refuse it without echoing.
+    cut = min((i for i in (rest.find(c) for c in "/?#") if i >= 0), default=len(rest))
+    _check(
+        "@" not in rest[cut:],
+        "url",
+        "'@' after the host part; percent-encode '/', '?', '#' and '@' in the user and "
+        "password (urllib.parse.quote(password, safe='')), and '@' elsewhere as %40",
+    )
     rest, _, fragment = rest.partition("#")
     rest, _, query = rest.partition("?")
     netloc, _, path = rest.partition("/")
@@ -493,6 +507,7 @@ _ENV_FOR_FIELD = {
     "spool_full_policy": "CLICKHOUSE_SPOOL_FULL_POLICY",
     "spool_enabled": "CLICKHOUSE_SPOOL_ENABLED",
     "spool_block_timeout": "CLICKHOUSE_SPOOL_BLOCK_TIMEOUT",
+    "max_replica_delay": "CLICKHOUSE_MAX_REPLICA_DELAY",
 }
 
 ENV_VARS = ("CLICKHOUSE_URL", *_ENV_FOR_FIELD.values())
@@ -542,6 +557,7 @@ def _config_from_env(cls: type[Config], env: Mapping[str, str]) -> Config:
         ("spool_full_policy", text),
         ("spool_enabled", _parse_bool),
         ("spool_block_timeout", _parse_float),
+        ("max_replica_delay", _parse_float),
     ):
         value = _env_value(env, _ENV_FOR_FIELD[name], parse)
         if value is not None:

@@ -96,6 +96,15 @@ class ClientClosedError(ChResilientError):
     """The manager or client was used after ``close()``."""
 
 
+class ClosedInFlightError(ClientClosedError, ClickHouseUnavailableError):
+    """``close()`` interrupted this call: its socket was shut down mid-way.
+
+    A :class:`ClientClosedError` (our own doing: the breaker does not count it) and a
+    :class:`ClickHouseUnavailableError` (the server never answered), so an INSERT cut off
+    this way is spooled like any other undelivered batch and a read's fallback applies.
+    """
+
+
 class ErrorKind(str, enum.Enum):
     """Why a call failed, which decides whether it is retried and counted."""
 

@@ -37,15 +37,16 @@ LEASE_MARGIN = 30.0
 
 TableName = Union[str, tuple[str, str]]
 
-SPOOL_COUNTERS = (
-    "spool_batches_written",
-    "spool_rows_written",
-    "spool_batches_replayed",
-    "spool_rows_replayed",
-    "spool_batches_set_aside",
-    "spool_dropped_batches",
-    "spool_dropped_rows",
-)
+# The spool's counters in metrics() and their Prometheus help: dropped rows must be alertable.
+SPOOL_COUNTERS = {
+    "spool_batches_written": "Batches written to the spool because ClickHouse was unavailable.",
+    "spool_rows_written": "Rows written to the spool because ClickHouse was unavailable.",
+    "spool_batches_replayed": "Spooled batches delivered to ClickHouse.",
+    "spool_rows_replayed": "Spooled rows delivered to ClickHouse.",
+    "spool_batches_set_aside": "Spooled batches the server rejected for good (kept aside).",
+    "spool_dropped_batches": "Batches evicted by the drop_oldest policy: data lost.",
+    "spool_dropped_rows": "Rows evicted by the drop_oldest policy: data lost.",
+}
 
 
 @dataclass(frozen=True)

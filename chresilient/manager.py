@@ -7,6 +7,7 @@ the attempt's timeout -> the driver.
 
 from __future__ import annotations
 
+import functools
 import itertools
 import random
 import threading
@@ -14,7 +15,7 @@ import time
 import types
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import ExitStack
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable, Protocol, TypeVar
 
 import structlog
@@ -63,16 +64,50 @@ class BackgroundService(Protocol):
     def stop(self, timeout: float) -> None: ...
 
 
-@dataclass
+@dataclass(eq=False)
 class HostState:
-    """One ClickHouse host: its pool and its breaker."""
+    """One ClickHouse host: its pool, its breaker, its traffic and its replica delay."""
 
     pool: HostPool
     breaker: CircuitBreaker
+    # Seconds from system.replicas, read by the health monitor (0.0: no replicated
+    # tables; None: not read yet, disabled, or unreadable). A lagging host goes last.
+    replica_delay: float | None = None
+    lagging: bool = False
+    # A hint, kept by breaker transitions: the breaker is open (checked live before use).
+    down: bool = False
+    # Attempts sent to this host (each attempt of a retried call counts) and failed ones.
+    queries_total: int = 0
+    errors_total: int = 0
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     @property
     def label(self) -> str:
         return self.pool.label
+
+    def count(self, failed: bool) -> None:
+        with self._lock:
+            self.queries_total += 1
+            if failed:
+                self.errors_total += 1
+
+    def set_replica_delay(self, delay: float | None, limit: float | None) -> bool:
+        """Record what the monitor read; returns True when ``lagging`` changed."""
+        lagging = delay is not None and limit is not None and delay > limit
+        changed = lagging != self.lagging
+        self.replica_delay, self.lagging = delay, lagging
+        return changed
+
+    def report(self) -> dict[str, Any]:
+        """Per-host traffic, breaker, pool gauges and replica delay (health and metrics)."""
+        return {
+            "queries_total": self.queries_total,
+            "errors_total": self.errors_total,
+            "circuit_breaker_state": self.breaker.state.value,
+            "replica_delay": self.replica_delay,
+            "lagging": self.lagging,
+            **self.pool.status(),
+        }
 
 
 def is_insert_query(query: str, params: Any) -> bool:
@@ -223,11 +258,15 @@ class ClickHouseConnectionManager:
         if self._closed.is_set():
             return
         self._closed.set()
+        # Shut down the sockets of calls in flight (the services' too), so nothing waits
+        # for a frozen server until its timeout; they end with ClosedInFlightError.
+        for host in self.hosts:
+            host.pool.close()
         deadline = Deadline(SERVICE_STOP_TIMEOUT)
         for service in self.services:
             service.stop(timeout=max(deadline.remaining(), 0.05))
         for host in self.hosts:
-            host.pool.dispose()
+            host.pool.close()  # again: whatever came back meanwhile is discarded
         self.connection_state = "closed"
         log.info("manager_closed")
 
@@ -338,7 +377,12 @@ class ClickHouseConnectionManager:
             return self._attempt(lambda h: open_stream(h, timeout), host_box=host_box)
 
         stack, rows, first = self._with_retry(
-            attempt, is_insert=False, replayable=True, deduplicated=False, what="query"
+            attempt,
+            is_insert=False,
+            replayable=True,
+            deduplicated=False,
+            what="query",
+            tried=host_box,
         )
         return self._stream(stack, rows, first, host_box[-1])
 
@@ -438,8 +482,10 @@ class ClickHouseConnectionManager:
         deduplicated: bool,
         what: str,
     ) -> T:
+        tried: list[HostState] = []
+
         def attempt(timeout: float) -> T:
-            return self._attempt(lambda h: _run_on(h, timeout, run))
+            return self._attempt(lambda h: _run_on(h, timeout, run), host_box=tried)
 
         return self._with_retry(
             attempt,
@@ -447,6 +493,7 @@ class ClickHouseConnectionManager:
             replayable=replayable,
             deduplicated=deduplicated,
             what=what,
+            tried=tried,
         )
 
     def _with_retry(
@@ -457,7 +504,9 @@ class ClickHouseConnectionManager:
         replayable: bool,
         deduplicated: bool,
         what: str,
+        tried: list[HostState] | None = None,
     ) -> T:
+        """Run ``attempt`` under the retry policy; ``tried`` lists the hosts it went to."""
         self._check_open()
         metrics = self.metrics_registry
         metrics.incr("queries_total")
@@ -466,6 +515,10 @@ class ClickHouseConnectionManager:
             return replayable and is_retryable(
                 classify(exc), is_insert=is_insert, deduplicated=deduplicated
             )
+
+        failover: Callable[[], bool] | None = None
+        if tried is not None and len(self.hosts) > 1:
+            failover = functools.partial(self._untried_host_left, tried)
 
         stats = CallStats()
         started = time.perf_counter()
@@ -478,6 +531,7 @@ class ClickHouseConnectionManager:
                 sleep=self._sleep,
                 stats=stats,
                 what=what,
+                failover=failover,
             )
         except BaseException as exc:
             metrics.observe_duration(time.perf_counter() - started)
@@ -492,12 +546,17 @@ class ClickHouseConnectionManager:
     def _attempt(
         self, body: Callable[[HostState], T], host_box: list[HostState] | None = None
     ) -> T:
-        host, permit = self._choose_host()
+        """One attempt on the host chosen for it; ``host_box`` collects the call's hosts."""
+        host, permit = self._choose_host(host_box or ())
         if host_box is not None:
+            if host_box and host_box[-1] is not host:
+                self.metrics_registry.incr("failovers_total")
+                log.info("clickhouse_failover", from_host=host_box[-1].label, to_host=host.label)
             host_box.append(host)
         try:
             result = body(host)
         except BaseException as exc:
+            host.count(failed=True)
             kind = classify(exc)
             if counts_for_breaker(kind):
                 permit.failure(exc)
@@ -507,14 +566,15 @@ class ClickHouseConnectionManager:
                 if kind is not ErrorKind.LOCAL:
                     self._mark_success()  # the server answered
             raise
+        host.count(failed=False)
         permit.success()
         self._mark_success()
         return result
 
-    def _choose_host(self) -> tuple[HostState, Any]:
-        """The first host, in strategy order, whose breaker admits a call."""
+    def _choose_host(self, tried: Sequence[HostState] = ()) -> tuple[HostState, Any]:
+        """The first host, in failover order, whose breaker admits a call."""
         refused: CircuitOpenError | None = None
-        for host in self._host_order():
+        for host in self._failover_order(tried):
             try:
                 return host, host.breaker.acquire()
             except CircuitOpenError as err:
@@ -522,19 +582,54 @@ class ClickHouseConnectionManager:
         assert refused is not None
         raise refused
 
-    def _host_order(self) -> Sequence[HostState]:
-        hosts = self.hosts
+    def _host_order(
+        self, hosts: Sequence[HostState] | None = None, turn: int | None = None
+    ) -> Sequence[HostState]:
+        """``hosts`` (default: all) in strategy order; ``turn`` is the round-robin step."""
+        hosts = self.hosts if hosts is None else hosts
         if len(hosts) == 1:
             return hosts
         strategy = self.config.load_balancing
         if strategy == "round_robin":
-            start = next(self._rr) % len(hosts)
-            return hosts[start:] + hosts[:start]
+            start = (next(self._rr) if turn is None else turn) % len(hosts)
+            return [*hosts[start:], *hosts[:start]]
         if strategy == "random":
             return random.sample(hosts, len(hosts))
         if strategy == "least_loaded":
             return sorted(hosts, key=lambda h: h.pool.status()["checked_out"])
         return hosts
+
+    def _failover_order(self, tried: Sequence[HostState]) -> Sequence[HostState]:
+        """Hosts ranked by how often this call tried them, then open breaker, then
+        replica lag; the strategy orders each rank.
+
+        So a retry goes to a replica that did not just fail (in_order would otherwise
+        return to the failed primary while its breaker is still closed), a lagging replica
+        serves only when the others failed in this call or lag too, and round robin
+        spreads the load evenly over the hosts left instead of doubling it on the host
+        after a dead one.
+        """
+        hosts = self.hosts
+        if len(hosts) == 1 or not (tried or any(h.lagging or h.down for h in hosts)):
+            return self._host_order()  # the common case: no ranking on the hot path
+
+        def rank(h: HostState) -> tuple[int, bool, bool]:
+            tries = sum(t is h for t in tried)
+            return tries, h.down and h.breaker.state is CircuitState.OPEN, h.lagging
+
+        turn = next(self._rr)  # one round-robin step per call, shared by every rank
+        ranked = sorted((rank(h), i) for i, h in enumerate(hosts))
+        order: list[HostState] = []
+        for _, same in itertools.groupby(ranked, key=lambda item: item[0]):
+            order.extend(self._host_order([hosts[i] for _, i in same], turn))
+        return order
+
+    def _untried_host_left(self, tried: Sequence[HostState]) -> bool:
+        """Whether a retry can go to a host this call has not tried (breaker not open)."""
+        return any(
+            all(t is not h for t in tried) and h.breaker.state is not CircuitState.OPEN
+            for h in self.hosts
+        )
 
     def _note_failure(self, host: HostState, exc: BaseException) -> None:
         with self._lock:
@@ -562,6 +657,9 @@ class ClickHouseConnectionManager:
         return not self._closed.wait(seconds)
 
     def _on_transition(self, name: str, old: CircuitState, new: CircuitState) -> None:
+        for host in getattr(self, "hosts", []):
+            if host.breaker.name == name:  # re-read: notifications may arrive out of order
+                host.down = host.breaker.state is CircuitState.OPEN
         if new is CircuitState.OPEN and all(
             h.breaker.state is CircuitState.OPEN for h in getattr(self, "hosts", [])
         ):
@@ -615,10 +713,7 @@ class ClickHouseConnectionManager:
             retry_budget_tokens=round(self.budget.tokens, 2),
             retry_budget_exhausted=self.budget.exhausted_total,
             **_spool_gauges(self.spool),
-            hosts={
-                h.label: {"circuit_breaker_state": h.breaker.state.value, **h.pool.status()}
-                for h in self.hosts
-            },
+            hosts={h.label: h.report() for h in self.hosts},
         )
         return out
 

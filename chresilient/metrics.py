@@ -38,6 +38,7 @@ class Metrics:
         "retry_budget_exhausted",
         "inserts_total",
         "rows_inserted",
+        "failovers_total",  # retries that went to another host than the failed attempt
     )
 
     def __init__(self) -> None:

@@ -27,7 +27,7 @@ from sqlalchemy import exc as sa_exc
 from sqlalchemy.pool import ConnectionPoolEntry, PoolProxiedConnection, QueuePool
 
 from .config import Config, HostPort
-from .errors import PoolTimeoutError, describe
+from .errors import ClientClosedError, ClosedInFlightError, PoolTimeoutError, describe
 
 log = structlog.get_logger("chresilient.pool")
 
@@ -193,6 +193,12 @@ class HostPool:
         # Connections sitting in the pool, for prune(); the checkout hook takes the lock.
         self._idle: weakref.WeakSet[PooledConnection] = weakref.WeakSet()
         self._idle_lock = threading.Lock()
+        # close(): connections being made or checked out, whose sockets it shuts down so
+        # a call blocked on a frozen server ends at once instead of at its timeout.
+        self._closed = False
+        self._busy: set[PooledConnection] = set()
+        self._connecting: set[Client] = set()
+        self._busy_lock = threading.Lock()
         self._pool = self._new_pool()
 
     @property
@@ -205,11 +211,18 @@ class HostPool:
         timeout = self.cfg.retry.timeout_per_attempt
         timeout = min(timeout, getattr(self._local, "timeout", timeout))
         client = make_client(self.cfg, self.address, timeout)
+        with self._busy_lock:
+            if self._closed:
+                raise ClientClosedError(f"the pool for {self.label} is closed")
+            self._connecting.add(client)
         try:
             client.connection.connect()
         except BaseException:
             self.stats.bump(connect_failures=1)
             raise
+        finally:
+            with self._busy_lock:
+                self._connecting.discard(client)
         return self.connection_class(client, self.address)
 
     def _new_pool(self) -> QueuePool:
@@ -293,15 +306,41 @@ class HostPool:
             ) from err
         except sa_exc.InvalidRequestError as err:  # reconnect attempts exhausted on checkout
             raise ConnectionError(f"could not get a live connection to {self.label}") from err
+        except Exception as err:  # e.g. a connect that close() interrupted
+            self._raise_if_closed(err)
+            raise
         conn: PooledConnection = fairy.dbapi_connection  # type: ignore[assignment]
+        with self._busy_lock:
+            closed = self._closed
+            if not closed:
+                self._busy.add(conn)
+        if closed:
+            _release(fairy, False)
+            raise ClientClosedError(f"the pool for {self.label} is closed")
         ok = False
         try:
             conn.set_timeout(timeout)
             yield conn
             ok = True
+        except Exception as err:
+            self._raise_if_closed(err)
+            raise
         finally:
             conn.last_used = time.monotonic()
-            _release(fairy, ok)
+            with self._busy_lock:
+                self._busy.discard(conn)
+            _release(fairy, ok and not self._closed)
+            if self._closed:  # returned while close() ran: make sure nothing stays pooled
+                self._pool.dispose()
+
+    def _raise_if_closed(self, err: Exception) -> None:
+        """After close(), a broken connection is close()'s doing (it shut the socket down);
+        a server's answer (``ServerException``) still reaches the caller unchanged."""
+        if self._closed and not isinstance(err, (ClientClosedError, ServerException)):
+            raise ClosedInFlightError(
+                f"the connection to {self.label} was closed while the call was in flight",
+                last_error=err,
+            ) from err
 
     @property
     def queue_pool(self) -> QueuePool:
@@ -322,6 +361,32 @@ class HostPool:
     def dispose(self) -> None:
         """Close every idle connection; checked-out ones close when returned."""
         self._pool.dispose()
+
+    def close(self) -> int:
+        """Stop for good: shut down the sockets of calls in flight, close idle connections.
+
+        A call blocked on a frozen server ends at once with :class:`ClosedInFlightError`
+        instead of at its timeout; a connection returned afterwards is discarded, and a
+        checkout raises :class:`ClientClosedError`. Idempotent. Returns how many sockets
+        in use were shut down.
+        """
+        with self._busy_lock:
+            self._closed = True
+            socks = [c.connection.socket for c in self._busy]
+            socks += [c.connection.socket for c in self._connecting]
+        shut = 0
+        for sock in socks:
+            if sock is None:
+                continue
+            with suppress(OSError):  # wakes a recv()/send() blocked on this socket
+                sock.shutdown(socket.SHUT_RDWR)
+                shut += 1
+        self._pool.dispose()
+        return shut
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
 
     def recreate(self) -> None:
         """Replace the pool by a fresh one (used by reconnect)."""

@@ -28,6 +28,8 @@ from prometheus_client.core import (
 )
 from prometheus_client.registry import REGISTRY, Collector
 
+from .ingest import SPOOL_COUNTERS
+
 if TYPE_CHECKING:
     from .manager import ClickHouseConnectionManager
 
@@ -91,6 +93,11 @@ class ManagerCollector(Collector):
             m["retry_attempts"],
         )
         yield self._counter(
+            "chresilient_failovers_total",
+            "Retries sent to another host than the attempt that failed.",
+            m.get("failovers_total", 0),
+        )
+        yield self._counter(
             "chresilient_retry_budget_exhausted_total",
             "Retries refused because the retry budget was spent.",
             m.get("retry_budget_exhausted", 0),
@@ -111,6 +118,13 @@ class ManagerCollector(Collector):
             if key in m:
                 name = key if key.endswith("_total") else f"{key}_total"
                 yield self._counter(f"chresilient_{name}", f"{key} counter.", m[key])
+        for key, text in SPOOL_COUNTERS.items():
+            yield self._counter(f"chresilient_{key}_total", text, m.get(key, 0) or 0)
+        yield self._gauge(
+            "chresilient_spool_pending_bytes",
+            "Bytes of undelivered batches in the local spool.",
+            m.get("pending_bytes", 0) or 0,
+        )
         yield self._gauge(
             "chresilient_spool_pending_rows",
             "Rows in the local spool awaiting delivery.",
@@ -175,8 +189,37 @@ class ManagerCollector(Collector):
             "Connections discarded: invalidated after an error or pruned while idle.",
             ("host", "reason"),
         )
+        queries = self._family(
+            CounterMetricFamily,
+            "chresilient_host_queries_total",
+            "Attempts sent to the host (each attempt of a retried call counts).",
+            ("host",),
+        )
+        query_errors = self._family(
+            CounterMetricFamily,
+            "chresilient_host_query_errors_total",
+            "Attempts on the host that failed.",
+            ("host",),
+        )
+        delay = self._family(
+            GaugeMetricFamily,
+            "chresilient_replica_delay_seconds",
+            "Largest system.replicas absolute_delay the monitor last read on the host.",
+            ("host",),
+        )
+        lagging = self._family(
+            GaugeMetricFamily,
+            "chresilient_replica_lagging",
+            "1 while the host's replica delay exceeds max_replica_delay (used last).",
+            ("host",),
+        )
         for host in self._mgr.hosts:
             label = host.label
+            self._add(queries, (label,), host.queries_total)
+            self._add(query_errors, (label,), host.errors_total)
+            if host.replica_delay is not None:
+                self._add(delay, (label,), host.replica_delay)
+            self._add(lagging, (label,), 1.0 if host.lagging else 0.0)
             self._add(breaker, (label,), BREAKER_STATES.get(host.breaker.state.value, 2))
             self._add(opens, (label,), host.breaker.opens_total)
             status, stats = host.pool.status(), host.pool.stats
@@ -189,6 +232,7 @@ class ManagerCollector(Collector):
             self._add(discarded, (label, "invalidated"), stats.invalidations)
             self._add(discarded, (label, "pruned"), stats.pruned)
         yield from (breaker, opens, pool, checkouts, connects, discarded)
+        yield from (queries, query_errors, delay, lagging)
 
     def _health_metrics(self) -> Iterator[Metric]:
         monitor = self._mgr.monitor

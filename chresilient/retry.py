@@ -32,6 +32,10 @@ from .errors import (
 T = TypeVar("T")
 log = structlog.get_logger("chresilient.retry")
 
+# Longest wait before a retry that fails over to a host the call has not tried yet: that
+# host did not fail, so waiting for the failed one to recover gains nothing.
+FAILOVER_MAX_DELAY = 0.05
+
 
 @dataclass(frozen=True)
 class RetryPolicy:
@@ -146,6 +150,7 @@ def call_with_retry(
     deadline: Deadline | None = None,
     stats: CallStats | None = None,
     what: str = "query",
+    failover: Callable[[], bool] | None = None,
 ) -> T:
     """Run ``attempt(timeout)`` until it succeeds or retrying is no longer allowed.
 
@@ -154,6 +159,8 @@ def call_with_retry(
     error (retries spent, or not safe to repeat), :class:`ClickHouseUnavailableError` is
     raised with the last error attached.
     ``sleep(seconds)`` returns False when waiting was interrupted (the client closes).
+    ``failover()`` says whether the next attempt goes to a host this call has not tried;
+    then the wait is at most :data:`FAILOVER_MAX_DELAY` instead of the full backoff.
     """
     stats = stats if stats is not None else CallStats()
     deadline = deadline or Deadline(policy.total_timeout)
@@ -184,10 +191,11 @@ def call_with_retry(
                     last_error=exc,
                     attempts=stats.attempts,
                 ) from exc
-            delay = min(
-                policy.backoff(stats.attempts, slow_down=server_code(exc) in SLOW_DOWN_CODES),
-                max(deadline.remaining(), 0.0),
-            )
+            delay = policy.backoff(stats.attempts, slow_down=server_code(exc) in SLOW_DOWN_CODES)
+            fresh_host = failover is not None and failover()
+            if fresh_host:
+                delay = min(delay, FAILOVER_MAX_DELAY)
+            delay = min(delay, max(deadline.remaining(), 0.0))
             stats.retries += 1
             log.info(
                 "retrying",
@@ -195,6 +203,7 @@ def call_with_retry(
                 attempt=stats.attempts,
                 delay=round(delay, 3),
                 error=describe(exc),
+                failover=fresh_host,
             )
             if not sleep(delay):
                 raise ClickHouseUnavailableError(

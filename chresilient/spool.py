@@ -502,7 +502,11 @@ class SpoolStore:
                 return
             yield True
         finally:
-            os.close(fd)  # closing drops the flock
+            # Unlock explicitly: a child forked meanwhile shares the open file description,
+            # and closing only our descriptor would leave the lock held until it exits.
+            with contextlib.suppress(OSError):
+                fcntl.flock(fd, fcntl.LOCK_UN)
+            os.close(fd)
 
     # -- reading and housekeeping -------------------------------------------------------------
     def totals(self, *, all_targets: bool = False, state: int = PENDING) -> SpoolTotals:

@@ -222,3 +222,28 @@ def test_any_url_builds_config_or_raises_config_error(tail: str) -> None:
     for url in (tail, "clickhouse://" + tail):
         with contextlib.suppress(ConfigError):
             Config.from_url(url)
+
+
+# Letters that appear in no fixed part of an error message or of the URL around them, so
+# any of them in an error message means a piece of the password was echoed.
+_MARKERS = "QJXZ"
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.text(alphabet=_MARKERS + "/?#@:&<>% \n", min_size=1, max_size=16))
+def test_an_unencoded_password_is_never_echoed(password: str) -> None:
+    """Users paste passwords into URLs without percent-encoding them: '/', '?' or '#' then
+    splits the URL elsewhere, and no error message may quote the pieces."""
+    password = "Q" + password  # at least one marker
+    url = f"clickhouse://user:{password}@127.0.0.1:9000/db?client_name=app"
+    for parse in (
+        lambda: Config.from_url(url),
+        lambda: Config.from_env({"CLICKHOUSE_URL": url}),
+    ):
+        try:
+            cfg = parse()
+        except ConfigError as err:
+            text = str(err) + repr(err)
+        else:
+            text = repr(cfg) + str(cfg) + cfg.safe_url()
+        assert not set(_MARKERS) & set(text), text

@@ -5,6 +5,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Mapping
+from concurrent import futures
 from concurrent.futures import Future
 from typing import TYPE_CHECKING, Any, Callable, Generic, TypeVar
 
@@ -86,7 +87,11 @@ class SingleFlight(Generic[T]):
 
     def run(self, timeout: float) -> T:
         """The result of the run in flight, or of a new one; ``TimeoutError`` after ``timeout``."""
-        return self.submit().result(timeout)
+        try:
+            return self.submit().result(timeout)
+        except futures.TimeoutError as err:
+            # Before Python 3.11 this is not the built-in TimeoutError that callers catch.
+            raise TimeoutError(f"{self._name} still running after {timeout:.1f}s") from err
 
     @property
     def running(self) -> bool:

@@ -6,7 +6,8 @@ host under a short timeout. Outcomes go to the breaker as out-of-band probes
 its half-open trial, so application calls keep failing fast until the monitor has seen the
 server answer. It also sets ``connection_state``, prunes idle connections past their
 recycle time, wakes the spool replayer on recovery and refreshes the analytics
-consistency report on a slower cadence.
+consistency report on a slower cadence. With ``max_replica_delay`` set, each successful
+probe also reads the host's replication delay, so calls avoid a lagging replica.
 """
 
 from __future__ import annotations
@@ -15,17 +16,19 @@ import socket
 import threading
 import time
 from contextlib import suppress
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Callable
 
 import structlog
 
 from ..breaker import CircuitState
-from ..errors import classify, describe
+from ..errors import ErrorKind, classify, describe
 from .common import Report, ReportCache, elapsed_ms, utc_iso
 from .consistency import check_consistency
 from .dependencies import validate_dependencies
 
 if TYPE_CHECKING:
+    from clickhouse_driver import Client
+
     from ..manager import ClickHouseConnectionManager, HostState
     from ..pool import PooledConnection
 
@@ -33,6 +36,15 @@ log = structlog.get_logger("chresilient.health")
 
 # How long a caller waits for a report beyond the checks' own timeouts.
 SLACK = 1.0
+# Only absolute_delay is asked for: the server then computes it from its local replication
+# queue without a ZooKeeper round trip (columns such as total_replicas would need one).
+REPLICA_DELAY_QUERY = "SELECT max(absolute_delay) FROM system.replicas"
+
+
+def read_replica_delay(label: str, client: Client) -> float | None:
+    """Largest ``absolute_delay`` of the host's replicated tables (0.0 when it has none)."""
+    rows = client.execute(REPLICA_DELAY_QUERY)
+    return float(rows[0][0]) if rows and rows[0][0] is not None else 0.0
 
 
 class HealthMonitor:
@@ -56,6 +68,10 @@ class HealthMonitor:
         self._stopping = threading.Event()
         self._thread: threading.Thread | None = None
         self._inflight: PooledConnection | None = None
+        self.max_replica_delay = cfg.max_replica_delay
+        # (host label, client) -> seconds; replaceable so tests can fake a lagging replica.
+        self.replica_delay_source: Callable[[str, Client], float | None] = read_replica_delay
+        self._delay_unreadable: set[str] = set()
 
     # -- BackgroundService --------------------------------------------------------------
     def start(self) -> None:
@@ -183,6 +199,8 @@ class HealthMonitor:
             with host.pool.connection(self.probe_timeout) as conn:
                 self._inflight = conn
                 conn.client.execute("SELECT 1")
+                latency = elapsed_ms(started)
+                delay = self._replica_delay(host, conn)
         except Exception as exc:
             self.probe_failures_total += 1
             host.breaker.record_probe(False, exc)
@@ -196,7 +214,30 @@ class HealthMonitor:
             self._inflight = None
         host.breaker.record_probe(True)
         self._mgr.metrics_registry.success()
-        return {"ok": True, "latency_ms": elapsed_ms(started), "error": None}
+        return {"ok": True, "latency_ms": latency, "error": None, "replica_delay": delay}
+
+    def _replica_delay(self, host: HostState, conn: PooledConnection) -> float | None:
+        """Read and record the host's replica delay; a failed read only forgets it."""
+        if self.max_replica_delay is None:
+            return None
+        try:
+            delay = self.replica_delay_source(host.label, conn.client)
+            self._delay_unreadable.discard(host.label)
+        except Exception as exc:
+            if classify(exc) is ErrorKind.TRANSPORT:
+                conn.connection.disconnect()  # the pool replaces it at the next checkout
+            if host.label not in self._delay_unreadable:  # once per streak, not per round
+                self._delay_unreadable.add(host.label)
+                log.warning("replica_delay_unreadable", host=host.label, error=describe(exc))
+            delay = None
+        if host.set_replica_delay(delay, self.max_replica_delay):
+            (log.warning if host.lagging else log.info)(
+                "replica_lagging" if host.lagging else "replica_caught_up",
+                host=host.label,
+                replica_delay=delay,
+                max_replica_delay=self.max_replica_delay,
+            )
+        return delay
 
     def _apply(self, results: dict[str, dict[str, Any]], was_healthy: bool) -> str:
         """Derive ``connection_state`` from the probes; log and act on changes."""

@@ -47,6 +47,7 @@ def build_health(mgr: ClickHouseConnectionManager) -> Report:
         "analytics_consistency": consistency,
         "breaker": {h.label: h.breaker.snapshot() for h in mgr.hosts},
         "pool": {h.label: pool_section(h) for h in mgr.hosts},
+        "hosts": {h.label: h.report() for h in mgr.hosts},
         "monitor": monitor_section(mgr),
     }
     if spool is not None:
@@ -83,6 +84,12 @@ def _status(
         return "unhealthy", reasons or [f"connection_state is {state}"]
     if state != "healthy":
         reasons.append(f"connection_state is {state}")
+    for host in mgr.hosts:
+        if host.lagging:
+            reasons.append(
+                f"{host.label}: replica delay {host.replica_delay:.0f}s over "
+                f"max_replica_delay ({mgr.config.max_replica_delay:.0f}s)"
+            )
     pending = 0 if spool is None else _pending(spool)
     if pending:
         reasons.append(f"spool holds {pending} rows waiting for delivery")
@@ -206,6 +213,7 @@ def connection_report(mgr: ClickHouseConnectionManager) -> Report:
                 "breaker": h.breaker.snapshot(),
                 "pool": pool_section(h),
                 "server": servers[h.label],
+                "traffic": h.report(),
             }
             for h in mgr.hosts
         },

@@ -185,10 +185,7 @@ class ValidationRun:
             _expect(result.spooled and not result.delivered, f"insert not spooled: {result}")
         finally:
             breaker.reset()
-        _expect(self.mgr.spool is not None, "no spool configured")
-        report = self.mgr.spool.replay()  # type: ignore[union-attr]
-        count = self.mgr.execute(f"SELECT count() FROM {quote_identifier(table)}")[0][0]
-        _expect(count == 2, f"{count} rows delivered after replay, expected 2 ({report})")
+        self._replayed(self.mgr, table, "1", expected=2)
         return CheckResult(
             "", True, f"refused in {_ms(failed_in)} while open; 2 rows spooled and replayed"
         )
@@ -293,12 +290,7 @@ class ValidationRun:
             _expect(result.spooled, f"insert not spooled: {result}")
             proxy.pass_through()
             time.sleep(1.1)
-            assert mgr.spool is not None
-            mgr.spool.replay()
-            count = self.mgr.execute(
-                f"SELECT count() FROM {quote_identifier(table)} WHERE id >= 10"
-            )[0][0]
-            _expect(count == 3, f"{count} rows after replay, expected 3")
+            self._replayed(mgr, table, "id >= 10", expected=3)
         return CheckResult(
             "",
             True,
@@ -307,6 +299,32 @@ class ValidationRun:
         )
 
     # -- helpers ----------------------------------------------------------------------
+    def _replayed(
+        self,
+        mgr: ClickHouseConnectionManager,
+        table: str,
+        where: str,
+        expected: int,
+        timeout: float = 10.0,
+    ) -> None:
+        """Replay until ``expected`` rows arrived (a background replayer may hold the
+        spool's lock for a moment: then this waits for it), bounded by ``timeout``."""
+        _expect(mgr.spool is not None, "no spool configured")
+        assert mgr.spool is not None
+        deadline = time.monotonic() + timeout
+        query = f"SELECT count() FROM {quote_identifier(table)} WHERE {where}"
+        while True:
+            report = mgr.spool.replay()
+            count = self.mgr.execute(query)[0][0]
+            if count >= expected or time.monotonic() > deadline:
+                break
+            time.sleep(0.1)
+        _expect(
+            count == expected,
+            f"{count} rows delivered after replay, expected "
+            f"{expected} ({report.outcome}: {report.last_error or 'no error'})",
+        )
+
     def _scratch_table(self) -> str:
         if self._table is None:
             name = f"chresilient_check_{uuid.uuid4().hex[:12]}"

@@ -1,13 +1,12 @@
 """``ResilientClient``: a drop-in for ``clickhouse_driver.Client`` backed by a manager.
 
 ``get_clickhouse_client()`` returns one client per process, configured from the
-``CLICKHOUSE_*`` environment; after ``fork()`` (gunicorn with preload) the child gets a
-fresh one, since sockets must not be shared across processes.
+``CLICKHOUSE_*`` environment; after ``fork()`` (gunicorn with preload) the manager gives
+the child its own sockets and threads on first use.
 """
 
 from __future__ import annotations
 
-import os
 import threading
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
@@ -77,20 +76,23 @@ class ResilientClient:
 
 _lock = threading.Lock()
 _client: ResilientClient | None = None
-_client_pid: int | None = None
 
 
 def get_clickhouse_client(config: Config | None = None) -> ResilientClient:
-    """The process-wide client; created on first use from ``config`` or the environment."""
-    global _client, _client_pid
-    client, pid = _client, os.getpid()
-    if client is not None and _client_pid == pid and not client.manager.closed:
+    """The process-wide client; created on first use from ``config`` or the environment.
+
+    After ``fork()`` the same client serves the child: its manager notices the fork on
+    first use and opens its own connections and threads (see the manager).
+    """
+    global _client
+    client = _client
+    if client is not None and not client.manager.closed:
         return client
     with _lock:
-        if _client is None or _client_pid != pid or _client.manager.closed:
+        if _client is None or _client.manager.closed:
             manager = ClickHouseConnectionManager(config)
             manager.start(wait=False)
-            _client, _client_pid = ResilientClient(manager), pid
+            _client = ResilientClient(manager)
         return _client
 
 
@@ -98,6 +100,6 @@ def reset_clickhouse_client() -> None:
     """Close the process-wide client; the next ``get_clickhouse_client()`` makes a new one."""
     global _client
     with _lock:
-        if _client is not None and _client_pid == os.getpid():
+        if _client is not None:
             _client.manager.close()
         _client = None

@@ -378,7 +378,7 @@ class Config:
         auth = quote(self.user, safe="")
         if self.password:
             auth += ":" + REDACTED
-        netloc = ",".join(_format_host(h, p) for h, p in self.hosts)
+        netloc = ",".join(format_host(h, p) for h, p in self.hosts)
         scheme = "clickhouses" if self.secure else "clickhouse"
         return f"{scheme}://{auth}@{netloc}/{quote(self.database, safe='')}"
 
@@ -408,7 +408,8 @@ class Config:
             raise ConfigError(var, err.problem) from None
 
 
-def _format_host(host: str, port: int) -> str:
+def format_host(host: str, port: int) -> str:
+    """``host:port``, with IPv6 hosts in brackets: the one label a host has everywhere."""
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
@@ -454,7 +455,15 @@ def _url_fields(url: str) -> dict[str, Any]:
             fields["password"] = unquote(password)
     hosts = [h for h in netloc.split(",")] if netloc else []
     _check(bool(hosts) and all(h.strip() for h in hosts), "url", "missing host")
-    parsed = [_parse_host_port(h, "url", 9000) for h in hosts]
+    try:
+        parsed = [_parse_host_port(h, "url", 9000) for h in hosts]
+    except ConfigError:
+        # Never quote the host part of a URL: in 'clickhouse://user:secret' (no '@') the
+        # password sits where the port goes.
+        raise ConfigError(
+            "url", "bad host or port (not shown: it may hold a password written without "
+            "'@'); expected clickhouse://user:password@host:port/database"
+        ) from None
     fields["host"], fields["port"] = parsed[0]
     alt = list(parsed[1:])
     database = unquote(path.strip("/"))

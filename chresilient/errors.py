@@ -81,7 +81,19 @@ class StartupError(ChResilientError):
         super().__init__(message)
 
 
-class SpoolFullError(ChResilientError):
+class SpoolError(ChResilientError):
+    """ClickHouse could not take a batch and the local spool could not store it either.
+
+    The batch was not accepted: the caller still holds the rows. ``__cause__`` is the
+    spool's own error; ``clickhouse_error`` the one that sent the batch to the spool.
+    """
+
+    def __init__(self, message: str, clickhouse_error: BaseException | None = None) -> None:
+        self.clickhouse_error = clickhouse_error
+        super().__init__(message)
+
+
+class SpoolFullError(SpoolError):
     """The local insert spool reached its size limit; the batch was not accepted."""
 
 
@@ -180,15 +192,27 @@ def classify(exc: BaseException) -> ErrorKind:
     return ErrorKind.DETERMINISTIC
 
 
-def is_retryable(kind: ErrorKind, *, is_insert: bool = False, deduplicated: bool = False) -> bool:
+# Transient codes the server raises before it writes anything: a write may be repeated.
+REFUSED_BEFORE_WRITE_CODES = frozenset({202, 203, 242, 252, 285})
+
+
+def is_retryable(
+    kind: ErrorKind,
+    *,
+    is_write: bool = False,
+    deduplicated: bool = False,
+    code: int | None = None,
+) -> bool:
     """Whether another attempt is safe.
 
-    A read can always be repeated. An INSERT whose outcome is unknown (the connection
-    broke, or 319) is repeated only when the server can deduplicate it by token.
+    A read can always be repeated, and so can a write the server refused up front
+    (``REFUSED_BEFORE_WRITE_CODES``). A write whose outcome is unknown (the connection
+    broke, 319, a memory limit mid-way) is repeated only when it is an INSERT the server
+    can deduplicate by token.
     """
     if kind not in UNAVAILABLE_KINDS:
         return False
-    return not is_insert or deduplicated
+    return not is_write or deduplicated or code in REFUSED_BEFORE_WRITE_CODES
 
 
 UNAVAILABLE_KINDS = frozenset({ErrorKind.TRANSPORT, ErrorKind.TRANSIENT})

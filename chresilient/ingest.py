@@ -19,7 +19,14 @@ from typing import TYPE_CHECKING, Any, Union
 
 import structlog
 
-from .errors import ClickHouseUnavailableError, InvalidBatchError, describe
+from .errors import (
+    ChResilientError,
+    ClickHouseUnavailableError,
+    InvalidBatchError,
+    SpoolError,
+    describe,
+)
+from .pool import DEDUP_SETTING, insert_delivery
 from .replay import Spool, SpoolReplayer
 from .spool import SpooledBatch, SpoolStore
 
@@ -28,7 +35,6 @@ if TYPE_CHECKING:
 
 log = structlog.get_logger("chresilient.spool")
 
-DEDUP_SETTING = "insert_deduplication_token"
 DEFAULT_BATCH_SIZE = 10_000
 # insert_batches() without a progress bar logs one line per this many batches.
 LOG_EVERY_BATCHES = 100
@@ -254,7 +260,15 @@ class Inserter:
                 error=describe(spool_err),
                 clickhouse_error=reason,
             )
-            raise spool_err from err
+            if isinstance(spool_err, ChResilientError):
+                raise spool_err from err
+            # e.g. sqlite3.OperationalError ("database is locked", I/O error): callers
+            # catch the driver's Error hierarchy, so name the problem in it.
+            raise SpoolError(
+                f"ClickHouse unavailable ({reason}) and the spool at "
+                f"{self.spool.directory} could not store the batch: {describe(spool_err)}",
+                clickhouse_error=err,
+            ) from spool_err
         self.spool.replayer.spooled()
         if not self.spool.replayer.running and not self._warned_not_running:
             self._warned_not_running = True
@@ -394,7 +408,7 @@ def open_spool(mgr: ClickHouseConnectionManager) -> Spool | None:
     return Spool(
         store,
         replayer,
-        guarantee=lambda: "exactly_once" if mgr.supports(DEDUP_SETTING) else "at_least_once",
+        guarantee=lambda: insert_delivery(mgr.supports(DEDUP_SETTING)),
     )
 
 

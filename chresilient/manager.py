@@ -9,19 +9,23 @@ from __future__ import annotations
 
 import functools
 import itertools
+import os
 import random
+import re
 import threading
 import time
 import types
+import weakref
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from typing import Any, Callable, Protocol, TypeVar
 
 import structlog
+import tenacity
 
 from .breaker import CircuitBreaker, CircuitState
-from .config import Config
+from .config import Config, format_host
 from .errors import (
     AUTH_CODES,
     UNKNOWN_DATABASE,
@@ -40,20 +44,37 @@ from .errors import (
 from .health.monitor import HealthMonitor
 from .health.status import build_health
 from .ingest import Inserter, InsertResult, InsertTotals, TableName, open_spool
-from .metrics import Metrics
-from .pool import HostPool, PooledConnection
+from .metrics import Metrics, utc_iso
+from .pool import DEDUP_SETTING, HostPool, PooledConnection
 from .replay import Spool
 from .retry import CallStats, Deadline, RetryBudget, RetryPolicy, call_with_retry
 
 T = TypeVar("T")
 log = structlog.get_logger("chresilient")
 
-DEDUP_SETTING = "insert_deduplication_token"
 # close() gives background threads this long, all together, to stop.
 SERVICE_STOP_TIMEOUT = 1.0
+# The startup gate's first wait; it doubles up to STARTUP_MAX_STEP.
+STARTUP_FIRST_STEP = 0.25
 # The startup gate retries at least this often, so the backend comes up soon after
 # ClickHouse is ready, and at most twice a second, so it does not hammer a booting server.
 STARTUP_MAX_STEP = 0.5
+
+
+# Every live manager, so that a forked child can mark them for repair on first use.
+_MANAGERS: weakref.WeakSet[ClickHouseConnectionManager] = weakref.WeakSet()
+
+
+def _mark_forked() -> None:
+    for mgr in list(_MANAGERS):
+        mgr._forked = True
+
+
+os.register_at_fork(after_in_child=_mark_forked)
+
+
+class _NotReady(Exception):
+    """No host answered this round of the startup gate (the cause says why)."""
 
 
 class BackgroundService(Protocol):
@@ -110,11 +131,30 @@ class HostState:
         }
 
 
-def is_insert_query(query: str, params: Any) -> bool:
-    """The driver sends ``params`` as data when it is a list, tuple or generator."""
+# Comments, whitespace and parentheses before a query's first keyword.
+_LEADING_NOISE = re.compile(r"(?:\s+|--[^\n]*(?:\n|$)|/\*.*?\*/|\()*", re.S)
+_FIRST_WORD = re.compile(r"[A-Za-z]+")
+# Statements that change nothing: repeating them after an unknown outcome is safe.
+READ_VERBS = frozenset({"select", "with", "show", "describe", "desc", "exists", "explain"})
+
+
+def query_verb(query: str) -> str:
+    """The first keyword of ``query`` in lower case, after comments and parentheses."""
+    start = _LEADING_NOISE.match(query)
+    word = _FIRST_WORD.match(query, start.end() if start else 0)
+    return word.group(0).lower() if word else ""
+
+
+def is_write_query(query: str, params: Any) -> bool:
+    """Whether repeating ``query`` after an unknown outcome could change data twice.
+
+    Everything but a known read verb counts as a write (INSERT, ALTER ... UPDATE, DDL):
+    a reset after the server applied it must not make the client apply it again. The
+    driver sends ``params`` as INSERT data when it is a list, tuple or generator.
+    """
     if isinstance(params, (list, tuple, types.GeneratorType)):
         return True
-    return query.lstrip(" \t\r\n(").lower().startswith("insert")
+    return query_verb(query) not in READ_VERBS
 
 
 class ClickHouseConnectionManager:
@@ -131,7 +171,7 @@ class ClickHouseConnectionManager:
                 pool=HostPool(cfg, address),
                 breaker=CircuitBreaker(
                     cfg.breaker,
-                    name=f"{address[0]}:{address[1]}",
+                    name=format_host(*address),
                     on_transition=self._on_transition,
                 ),
             )
@@ -140,6 +180,8 @@ class ClickHouseConnectionManager:
         self._rr = itertools.count()
         self._closed = threading.Event()
         self._lock = threading.Lock()
+        self._forked = False  # set in a forked child; see _after_fork()
+        _MANAGERS.add(self)
         self.connection_state = "connecting"
         self._consecutive_failures = 0
         self.started = False
@@ -189,54 +231,64 @@ class ClickHouseConnectionManager:
             service.start()
 
     def wait_until_ready(self, timeout: float) -> float:
-        """Block until a host answers; returns the seconds waited. See :meth:`start`."""
+        """Block until a host answers; returns the seconds waited. See :meth:`start`.
+
+        Not on the hot path, so tenacity's composable strategies drive it: waits grow
+        from STARTUP_FIRST_STEP to STARTUP_MAX_STEP, within ``timeout``, interruptible
+        by ``close()``.
+        """
         deadline = Deadline(timeout)
         started = time.monotonic()
-        policy = RetryPolicy(
-            initial_delay=min(self.policy.initial_delay, 0.1) or 0.05,
-            max_delay=STARTUP_MAX_STEP,
-            jitter=False,
-            timeout_per_attempt=self.policy.timeout_per_attempt,
+        retrying = tenacity.Retrying(
+            stop=tenacity.stop_before_delay(timeout) | tenacity.stop_when_event_set(self._closed),
+            wait=tenacity.wait_exponential(multiplier=STARTUP_FIRST_STEP, max=STARTUP_MAX_STEP),
+            retry=tenacity.retry_if_exception_type(_NotReady),
+            sleep=self._closed.wait,  # type: ignore[arg-type]  # close() interrupts the wait
         )
-        attempt_no = 0
+        try:
+            for attempt in retrying:
+                with attempt:
+                    host = self._first_answering_host(attempt.retry_state.attempt_number, deadline)
+        except tenacity.RetryError as err:
+            if self._closed.is_set():
+                raise ClientClosedError("manager closed while waiting for ClickHouse") from None
+            attempts = err.last_attempt.attempt_number
+            raise StartupTimeoutError(
+                f"ClickHouse at {self.config.safe_url()} not ready after {timeout:.1f}s "
+                f"({attempts} attempts)",
+                last_error=err.last_attempt.exception().__cause__,  # type: ignore[union-attr]
+                attempts=attempts,
+            ) from None
+        waited = time.monotonic() - started
+        host.breaker.reset()
+        self._mark_success()
+        log.info(
+            "clickhouse_ready",
+            host=host.label,
+            attempts=attempt.retry_state.attempt_number,
+            waited=round(waited, 3),
+        )
+        return waited
+
+    def _first_answering_host(self, attempt_no: int, deadline: Deadline) -> HostState:
+        """The first host that answers ``SELECT 1``; :class:`_NotReady` if none does."""
         last: BaseException | None = None
-        while True:
-            attempt_no += 1
-            for host in self.hosts:
-                try:
-                    with host.pool.connection(deadline.bound(policy.timeout_per_attempt)) as conn:
-                        conn.client.execute("SELECT 1")
-                except Exception as exc:
-                    last = exc
-                    self._fail_fast_at_startup(host, exc)
-                    log.info(
-                        "waiting_for_clickhouse",
-                        host=host.label,
-                        attempt=attempt_no,
-                        reason=_wait_reason(exc),
-                        remaining=round(max(deadline.remaining(), 0.0), 1),
-                    )
-                    continue
-                waited = time.monotonic() - started
-                host.breaker.reset()
-                self._mark_success()
+        for host in self.hosts:
+            try:
+                with host.pool.connection(deadline.bound(self.policy.timeout_per_attempt)) as conn:
+                    conn.client.execute("SELECT 1")
+                return host
+            except Exception as exc:
+                last = exc
+                self._fail_fast_at_startup(host, exc)
                 log.info(
-                    "clickhouse_ready",
+                    "waiting_for_clickhouse",
                     host=host.label,
-                    attempts=attempt_no,
-                    waited=round(waited, 3),
+                    attempt=attempt_no,
+                    reason=_wait_reason(exc),
+                    remaining=round(max(deadline.remaining(), 0.0), 1),
                 )
-                return waited
-            step = policy.backoff(attempt_no)
-            if deadline.remaining() <= step:
-                raise StartupTimeoutError(
-                    f"ClickHouse at {self.config.safe_url()} not ready after {timeout:.1f}s "
-                    f"({attempt_no} attempts)",
-                    last_error=last,
-                    attempts=attempt_no,
-                )
-            if self._closed.wait(step):
-                raise ClientClosedError("manager closed while waiting for ClickHouse")
+        raise _NotReady() from last
 
     def _fail_fast_at_startup(self, host: HostState, exc: BaseException) -> None:
         code = server_code(exc)
@@ -255,6 +307,8 @@ class ClickHouseConnectionManager:
 
     def close(self) -> None:
         """Stop using ClickHouse: close every pooled connection. A second call is harmless."""
+        if self._forked:  # the inherited pools hold the parent's sockets: not ours to close
+            self._after_fork(start_services=False)
         if self._closed.is_set():
             return
         self._closed.set()
@@ -281,8 +335,25 @@ class ClickHouseConnectionManager:
         self.close()
 
     def _check_open(self) -> None:
+        if self._forked:
+            self._after_fork()
         if self._closed.is_set():
             raise ClientClosedError("the ClickHouse connection manager is closed")
+
+    def _after_fork(self, start_services: bool = True) -> None:
+        """First use in a forked child (gunicorn --preload): new pools, restarted threads.
+
+        Sockets, threads and locks do not survive fork(): the parent's pooled sockets
+        would carry two processes' queries at once, and its threads do not exist here.
+        """
+        self._forked = False
+        self._lock = threading.Lock()
+        for host in self.hosts:
+            host.pool.after_fork()
+        if start_services and self.started and not self._closed.is_set():
+            for service in self.services:
+                service.start()
+        log.info("manager_reset_after_fork", pid=os.getpid())
 
     # -- queries ----------------------------------------------------------------------
     def execute(
@@ -302,8 +373,8 @@ class ClickHouseConnectionManager:
 
         ``fallback(error)``, if given, supplies the result when ClickHouse is unavailable.
         """
-        is_insert = is_insert_query(query, params)
-        settings = self._prepare_settings(settings, is_insert)
+        is_write = is_write_query(query, params)
+        settings = dict(settings) if settings else None
 
         def run(conn: PooledConnection) -> Any:
             return conn.client.execute(
@@ -312,7 +383,7 @@ class ClickHouseConnectionManager:
                 with_column_types=with_column_types,
                 external_tables=external_tables,
                 query_id=query_id,
-                settings=settings,
+                settings=_settings_for(conn, settings),
                 types_check=types_check,
                 columnar=columnar,
             )
@@ -320,10 +391,12 @@ class ClickHouseConnectionManager:
         try:
             return self._call(
                 run,
-                is_insert=is_insert,
+                is_write=is_write,
                 replayable=not isinstance(params, (Iterator, types.GeneratorType)),
-                deduplicated=is_insert and bool(settings and settings.get(DEDUP_SETTING)),
-                what="insert" if is_insert else "query",
+                deduplicated=is_write
+                and bool(settings and settings.get(DEDUP_SETTING))
+                and self.supports(DEDUP_SETTING),
+                what="insert" if is_write else "query",
             )
         except ClickHouseUnavailableError as err:
             if fallback is None:
@@ -348,7 +421,8 @@ class ClickHouseConnectionManager:
         is raised (classified) without retry. An iterator closed early discards its
         connection, since the server may still be sending.
         """
-        settings = self._prepare_settings(settings, False)
+        settings = dict(settings) if settings else None
+        is_write = is_write_query(query, params)
 
         def open_stream(host: HostState, timeout: float) -> tuple[ExitStack, Iterator[Any], Any]:
             stack = ExitStack()
@@ -360,7 +434,7 @@ class ClickHouseConnectionManager:
                     with_column_types=with_column_types,
                     external_tables=external_tables,
                     query_id=query_id,
-                    settings=settings,
+                    settings=_settings_for(conn, settings),
                     types_check=types_check,
                     chunk_size=chunk_size,
                 )
@@ -378,7 +452,7 @@ class ClickHouseConnectionManager:
 
         stack, rows, first = self._with_retry(
             attempt,
-            is_insert=False,
+            is_write=is_write,
             replayable=True,
             deduplicated=False,
             what="query",
@@ -407,18 +481,6 @@ class ClickHouseConnectionManager:
             raise
         else:
             stack.__exit__(None, None, None)
-
-    def _prepare_settings(
-        self, settings: Mapping[str, Any] | None, is_insert: bool
-    ) -> dict[str, Any] | None:
-        if not settings:
-            return None
-        out = dict(settings)
-        if DEDUP_SETTING in out and not self.supports(DEDUP_SETTING):
-            # 18.16 and other old servers reject unknown settings: drop it and
-            # deliver at least once instead of failing the insert.
-            del out[DEDUP_SETTING]
-        return out
 
     def supports(self, feature: str) -> bool:
         """Whether every known host has ``feature`` (False until a host was seen)."""
@@ -477,7 +539,7 @@ class ClickHouseConnectionManager:
         self,
         run: Callable[[PooledConnection], T],
         *,
-        is_insert: bool,
+        is_write: bool,
         replayable: bool,
         deduplicated: bool,
         what: str,
@@ -489,7 +551,7 @@ class ClickHouseConnectionManager:
 
         return self._with_retry(
             attempt,
-            is_insert=is_insert,
+            is_write=is_write,
             replayable=replayable,
             deduplicated=deduplicated,
             what=what,
@@ -500,7 +562,7 @@ class ClickHouseConnectionManager:
         self,
         attempt: Callable[[float], T],
         *,
-        is_insert: bool,
+        is_write: bool,
         replayable: bool,
         deduplicated: bool,
         what: str,
@@ -513,7 +575,7 @@ class ClickHouseConnectionManager:
 
         def should_retry(exc: BaseException) -> bool:
             return replayable and is_retryable(
-                classify(exc), is_insert=is_insert, deduplicated=deduplicated
+                classify(exc), is_write=is_write, deduplicated=deduplicated, code=server_code(exc)
             )
 
         failover: Callable[[], bool] | None = None
@@ -704,9 +766,7 @@ class ClickHouseConnectionManager:
             circuit_breaker_state=primary.state.value,
             connection_state=self.connection_state,
             consecutive_failures=self._consecutive_failures,
-            last_successful_connection=(
-                None if last is None else time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(last))
-            ),
+            last_successful_connection=utc_iso(last),
             checked_out=sum(g["checked_out"] for g in gauges),
             idle=sum(g["idle"] for g in gauges),
             overflow=sum(g["overflow"] for g in gauges),
@@ -744,6 +804,15 @@ def _spool_gauges(spool: Spool | None) -> dict[str, int]:
         "pending_rows": pending.rows if pending else 0,
         "pending_bytes": pending.bytes if pending else 0,
     }
+
+
+def _settings_for(conn: PooledConnection, settings: dict[str, Any] | None) -> dict[str, Any] | None:
+    """``settings`` for the server behind ``conn``: servers before 22.x reject an unknown
+    ``insert_deduplication_token``, so it is dropped there (delivery is then at least once).
+    """
+    if settings and DEDUP_SETTING in settings and not conn.features.get(DEDUP_SETTING, False):
+        return {k: v for k, v in settings.items() if k != DEDUP_SETTING}
+    return settings
 
 
 def _run_on(host: HostState, timeout: float, run: Callable[[PooledConnection], T]) -> T:

@@ -85,3 +85,10 @@ class Metrics:
             out: dict[str, Any] = dict(self._counters)
             out["errors_by_kind"] = dict(self._errors_by_kind)
         return out
+
+
+def utc_iso(wall: float | None) -> str | None:
+    """A wall-clock time as ISO 8601 UTC with milliseconds (None stays None)."""
+    if wall is None:
+        return None
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(wall)) + f".{int(wall % 1 * 1000):03d}Z"

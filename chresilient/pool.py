@@ -8,6 +8,7 @@ after a connection sat idle longer than ``ping_after_idle``.
 
 from __future__ import annotations
 
+import os
 import select
 import socket
 import threading
@@ -26,7 +27,7 @@ from sqlalchemy import event
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.pool import ConnectionPoolEntry, PoolProxiedConnection, QueuePool
 
-from .config import Config, HostPort
+from .config import Config, HostPort, format_host
 from .errors import ClientClosedError, ClosedInFlightError, PoolTimeoutError, describe
 
 log = structlog.get_logger("chresilient.pool")
@@ -69,9 +70,12 @@ class PooledConnection:
     def __init__(self, client: Client, address: HostPort) -> None:
         self.client = client
         self.address = address
+        self.pid = os.getpid()  # a child process must never shut down its parent's socket
         self.created = time.monotonic()
         self.last_used = self.created
         self.pruned = False  # closed by HostPool.prune() while idle; guarded by its lock
+        # Optional features of the server this connection talks to (set on connect).
+        self.features: Mapping[str, bool] = {}
 
     @property
     def connection(self) -> Connection:
@@ -108,6 +112,14 @@ class PooledConnection:
 
     def close(self) -> None:
         """Called by the pool when the connection is discarded."""
+        if os.getpid() != self.pid:
+            # Inherited through fork(): shutdown() would cut the parent's connection too;
+            # closing our descriptor only drops this process's reference.
+            sock = self.connection.socket
+            if sock is not None:
+                with suppress(OSError):
+                    sock.close()
+            return
         with suppress(Exception):
             self.client.disconnect()
 
@@ -203,8 +215,7 @@ class HostPool:
 
     @property
     def label(self) -> str:
-        host, port = self.address
-        return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        return format_host(*self.address)
 
     def _create(self) -> PooledConnection:
         self.stats.bump(connect_attempts=1)
@@ -257,6 +268,7 @@ class HostPool:
         if previous is None or previous.revision != server.revision or not self.features:
             # Once per host (and again after an upgrade): which optional features exist.
             self.features = server_features(dbapi_conn)
+        dbapi_conn.features = self.features
         self.stats.bump(connects=1)
 
     def _on_checkout(
@@ -270,6 +282,9 @@ class HostPool:
         if record.info.pop("fresh", False):
             self.stats.bump(checkouts=1, misses=1)
             return
+        if not dbapi_conn.connection.connected:
+            # Closed on our side (the driver disconnects after any error): only this one.
+            raise sa_exc.DisconnectionError("connection was closed after an error")
         if not dbapi_conn.is_alive(self.cfg.pool.ping_after_idle):
             # The server closed the socket: most likely it restarted, so every
             # connection made before now is stale. Recycle them all at once.
@@ -329,7 +344,8 @@ class HostPool:
             conn.last_used = time.monotonic()
             with self._busy_lock:
                 self._busy.discard(conn)
-            _release(fairy, ok and not self._closed)
+            # A caught error leaves the driver disconnected: never pool a closed socket.
+            _release(fairy, ok and not self._closed and conn.connection.connected)
             if self._closed:  # returned while close() ran: make sure nothing stays pooled
                 self._pool.dispose()
 
@@ -388,6 +404,20 @@ class HostPool:
     def closed(self) -> bool:
         return self._closed
 
+    def after_fork(self) -> None:
+        """In a forked child: leave the parent's sockets alone and start an empty pool.
+
+        The old pool is dropped, not disposed (disposing would shut the sockets down for
+        the parent as well); locks are new, since a parent thread may have held them.
+        """
+        self._idle = weakref.WeakSet()
+        self._idle_lock = threading.Lock()
+        self._busy = set()
+        self._connecting = set()
+        self._busy_lock = threading.Lock()
+        self.stats.lock = threading.Lock()
+        self._pool = self._new_pool()
+
     def recreate(self) -> None:
         """Replace the pool by a fresh one (used by reconnect)."""
         old = self._pool
@@ -430,14 +460,26 @@ def _release(fairy: PoolProxiedConnection, ok: bool) -> None:
     fairy.close()
 
 
+DEDUP_SETTING = "insert_deduplication_token"
+
+
+def insert_delivery(dedup_supported: bool) -> str:
+    """What a server's dedup support means for a batch whose outcome was unknown.
+
+    The token only deduplicates on tables that do (Replicated*MergeTree, or MergeTree with
+    ``non_replicated_deduplication_window``); elsewhere a replayed batch may appear twice.
+    """
+    return "exactly_once_on_deduplicating_tables" if dedup_supported else "at_least_once"
+
+
 def server_features(conn: PooledConnection) -> Mapping[str, bool]:
     """Ask the server which optional features it has (one query per host)."""
     try:
         rows = conn.client.execute(
-            "SELECT name FROM system.settings WHERE name IN ('insert_deduplication_token')"
+            f"SELECT name FROM system.settings WHERE name IN ('{DEDUP_SETTING}')"
         )
     except ServerException as err:  # e.g. a user without access to system tables
         log.warning("feature_detection_failed", host=conn.address[0], error=describe(err))
         rows = []
     names = {row[0] for row in rows}
-    return {"insert_deduplication_token": "insert_deduplication_token" in names}
+    return {DEDUP_SETTING: DEDUP_SETTING in names}

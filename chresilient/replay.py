@@ -30,7 +30,7 @@ from .errors import (
     classify,
     describe,
 )
-from .metrics import Metrics
+from .metrics import Metrics, utc_iso
 from .spool import SpooledBatch, SpoolStore, SpoolTotals
 
 log = structlog.get_logger("chresilient.spool")
@@ -348,8 +348,8 @@ class Spool:
             "delivery_guarantee": self._guarantee(),
             "replayer_running": r.running,
             "last_replay_error": r.last_error,
-            "last_replay_error_at": _iso(r.last_error_wall),
-            "last_replay_delivery_at": _iso(r.last_delivery_wall),
+            "last_replay_error_at": utc_iso(r.last_error_wall),
+            "last_replay_delivery_at": utc_iso(r.last_delivery_wall),
         }
 
     def replay(self, limit: int | None = None) -> ReplayReport:
@@ -370,6 +370,3 @@ class Spool:
     def wake(self) -> None:
         self.replayer.wake()
 
-
-def _iso(wall: float | None) -> str | None:
-    return None if wall is None else time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(wall))

@@ -409,7 +409,7 @@ def test_insert_fails_over_only_when_deduplicated(cluster: list[LocalClickHouse]
         # (18.16 lacks the setting, so the routing is driven directly.)
         result = mgr._call(
             lambda conn: conn.client.execute("INSERT INTO t VALUES", [(2,)]),
-            is_insert=True,
+            is_write=True,
             replayable=True,
             deduplicated=True,
             what="insert",

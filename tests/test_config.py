@@ -247,3 +247,15 @@ def test_an_unencoded_password_is_never_echoed(password: str) -> None:
         else:
             text = repr(cfg) + str(cfg) + cfg.safe_url()
         assert not set(_MARKERS) & set(text), text
+
+
+@pytest.mark.parametrize("url", ["clickhouse://default:Sup3rSecret",
+                                 "clickhouse://default:Sup3rSecret/db",
+                                 "clickhouse://Sup3rSecret@h:Sup3rSecret"])
+def test_url_errors_never_quote_the_host_part(url: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        Config.from_url(url)
+    assert "Sup3rSecret" not in str(info.value)
+    with pytest.raises(ConfigError) as info:
+        Config.from_env({"CLICKHOUSE_URL": url})
+    assert info.value.field == "CLICKHOUSE_URL" and "Sup3rSecret" not in str(info.value)

@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 from clickhouse_driver import Client
+from clickhouse_driver.errors import ServerException
 from helpers import make_config, server_tcp_connections
 
 import chresilient
@@ -183,3 +184,73 @@ def test_get_clickhouse_client_from_env(
         assert client.execute("SELECT 1") == [(1,)]
     finally:
         chresilient.reset_clickhouse_client()
+
+
+def test_a_caught_error_discards_one_connection_not_the_pool(clickhouse: Any) -> None:
+    mgr = ClickHouseConnectionManager(make_config(clickhouse))
+    try:
+        barrier = threading.Barrier(3)
+
+        def hold() -> None:
+            barrier.wait(timeout=10)
+            mgr.execute("SELECT sleep(0.2)")
+
+        threads = [threading.Thread(target=hold) for _ in range(3)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=20)
+        host = mgr.hosts[0].pool
+        before = host.stats.connects
+        # Like a probe that catches its own error and returns the connection normally.
+        with host.connection(5.0) as conn, pytest.raises(ServerException):
+            conn.client.execute("SELEC 1")
+        for _ in range(3):
+            assert mgr.execute("SELECT 1") == [(1,)]
+        assert host.stats.connects - before <= 1  # the other pooled sockets were kept
+    finally:
+        mgr.close()
+
+
+def _local_port(mgr: ClickHouseConnectionManager) -> int:
+    with mgr.hosts[0].pool.connection(5.0) as conn:
+        return int(conn.connection.socket.getsockname()[1])
+
+
+def test_forked_child_uses_its_own_sockets_and_leaves_the_parents(clickhouse: Any) -> None:
+    import json
+    import os
+
+    mgr = ClickHouseConnectionManager(make_config(clickhouse))
+    try:
+        mgr.start(wait=True, timeout=10)
+        parent_port = _local_port(mgr)
+        read_end, write_end = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # the child: gunicorn's worker after --preload
+            code = 1
+            try:
+                os.close(read_end)
+                rows = mgr.execute("SELECT 42")
+                report = {"rows": rows, "port": _local_port(mgr),
+                          "monitor": mgr.monitor._thread is not None
+                          and mgr.monitor._thread.is_alive()}
+                mgr.close()
+                os.write(write_end, json.dumps(report).encode())
+                code = 0
+            finally:
+                os._exit(code)
+        os.close(write_end)
+        with os.fdopen(read_end) as pipe:
+            report = json.loads(pipe.read() or "{}")
+        _, status = os.waitpid(pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 0
+        assert report["rows"] == [[42]]
+        assert report["port"] != parent_port  # a socket of its own
+        assert report["monitor"]  # the child's health monitor runs
+        # The parent's pooled socket survived the child's close() and exit.
+        assert mgr.execute("SELECT 7") == [(7,)]
+        assert _local_port(mgr) == parent_port
+        assert mgr.metrics()["query_errors_total"] == 0
+    finally:
+        mgr.close()

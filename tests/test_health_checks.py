@@ -16,8 +16,8 @@ import pytest
 from helpers import make_config
 
 from chresilient import AnalyticsTable, ClickHouseConnectionManager, Config, ConfigError
-from chresilient.health.common import quote_identifier
 from chresilient.health.consistency import normalize_type
+from chresilient.ingest import quote_identifier
 
 
 @pytest.fixture(autouse=True)

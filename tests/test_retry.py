@@ -196,7 +196,42 @@ def test_classify_table(exc: BaseException, kind: ErrorKind) -> None:
 
 def test_insert_retry_needs_dedup() -> None:
     assert is_retryable(ErrorKind.TRANSPORT)
-    assert not is_retryable(ErrorKind.TRANSPORT, is_insert=True)
-    assert is_retryable(ErrorKind.TRANSPORT, is_insert=True, deduplicated=True)
+    assert not is_retryable(ErrorKind.TRANSPORT, is_write=True)
+    assert is_retryable(ErrorKind.TRANSPORT, is_write=True, deduplicated=True)
     assert not is_retryable(ErrorKind.DETERMINISTIC)
     assert not is_retryable(ErrorKind.AUTH)
+
+
+@pytest.mark.parametrize(
+    ("query", "verb", "write"),
+    [
+        ("SELECT 1", "select", False),
+        ("  (SELECT 1)", "select", False),
+        ("WITH 1 AS x SELECT x", "with", False),
+        ("/* tag */ SELECT 1", "select", False),
+        ("-- note\nshow tables", "show", False),
+        ("DESCRIBE t", "describe", False),
+        ("INSERT INTO t VALUES", "insert", True),
+        ("/* tag */ INSERT INTO t SELECT 1", "insert", True),
+        ("-- c\nINSERT INTO t SELECT 1", "insert", True),
+        ("ALTER TABLE t UPDATE n = n + 1 WHERE 1", "alter", True),
+        ("CREATE TABLE t (x UInt8) ENGINE = Memory", "create", True),
+        ("OPTIMIZE TABLE t FINAL", "optimize", True),
+        ("", "", True),
+    ],
+)
+def test_only_known_reads_are_repeatable(query: str, verb: str, write: bool) -> None:
+    from chresilient.manager import is_write_query, query_verb
+
+    assert query_verb(query) == verb
+    assert is_write_query(query, None) is write
+    assert is_write_query("SELECT 1", [(1,)]) is True  # list params are INSERT data
+
+
+@pytest.mark.parametrize(
+    ("code", "repeat"), [(202, True), (252, True), (242, True), (241, False), (319, False)]
+)
+def test_writes_repeat_only_what_the_server_refused_up_front(code: int, repeat: bool) -> None:
+    exc = driver_errors.ServerException("x", code=code)
+    assert is_retryable(classify(exc), is_write=True, code=code) is repeat
+    assert is_retryable(classify(exc), is_write=True, deduplicated=True, code=code)

@@ -398,3 +398,31 @@ def test_fork_safe_store_reopens_in_child(tmp_path: Path) -> None:
     _, status = os.waitpid(pid, 0)
     assert os.waitstatus_to_exitcode(status) == 0
     assert store.totals().batches == 2
+
+
+def test_unwritable_spool_at_outage_raises_a_named_spool_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import sqlite3
+
+    from clickhouse_driver.errors import Error as DriverError
+
+    import chresilient.spool as spool_module
+    from chresilient import SpoolError
+
+    monkeypatch.setattr(spool_module, "BUSY_TIMEOUT", 0.2)  # don't wait 10 s for the lock
+    mgr = ClickHouseConnectionManager(_refusing_config(tmp_path))
+    assert mgr.spool is not None
+    blocker = sqlite3.connect(mgr.spool.store.path, isolation_level=None)
+    try:
+        blocker.execute("BEGIN IMMEDIATE")  # another process holds the write lock
+        with pytest.raises(SpoolError) as info:
+            mgr.insert("t", [(1, "a")], ["id", "s"])
+        assert isinstance(info.value, DriverError)  # callers' except clauses still work
+        assert str(tmp_path / "spool") in str(info.value)
+        assert info.value.clickhouse_error is not None
+        blocker.execute("ROLLBACK")
+        assert mgr.insert("t", [(1, "a")], ["id", "s"]).spooled
+    finally:
+        blocker.close()
+        mgr.close()

@@ -18,21 +18,9 @@ T = TypeVar("T")
 Report = dict[str, Any]
 
 
-def utc_iso(wall: float | None) -> str | None:
-    """A wall-clock time as ISO 8601 UTC with milliseconds (None stays None)."""
-    if wall is None:
-        return None
-    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(wall)) + f".{int(wall % 1 * 1000):03d}Z"
-
-
 def elapsed_ms(started: float) -> float:
     """Milliseconds since ``started`` (a ``time.perf_counter()`` value)."""
     return round((time.perf_counter() - started) * 1000, 3)
-
-
-def quote_identifier(name: str) -> str:
-    """Backtick-quote a ClickHouse identifier so a configured name is never read as SQL."""
-    return "`" + name.replace("\\", "\\\\").replace("`", "\\`") + "`"
 
 
 def usable_host(mgr: ClickHouseConnectionManager) -> HostState:

@@ -18,7 +18,9 @@ from clickhouse_driver.errors import ServerException
 
 from ..config import AnalyticsTable, Config
 from ..errors import describe
-from .common import Report, elapsed_ms, quote_identifier, usable_host, utc_iso
+from ..ingest import quote_identifier
+from ..metrics import utc_iso
+from .common import Report, elapsed_ms, usable_host
 
 if TYPE_CHECKING:
     from ..manager import ClickHouseConnectionManager

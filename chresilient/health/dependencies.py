@@ -18,10 +18,12 @@ from typing import TYPE_CHECKING, Any, Callable
 from clickhouse_driver import Client
 from clickhouse_driver.errors import ServerException
 
-from ..config import Config, HostPort
+from ..config import Config, HostPort, format_host
 from ..errors import AUTH_CODES, UNKNOWN_DATABASE, describe, server_code
+from ..ingest import quote_identifier
+from ..metrics import utc_iso
 from ..pool import make_client
-from .common import Report, elapsed_ms, quote_identifier, utc_iso
+from .common import Report, elapsed_ms
 from .docker import container_health
 
 if TYPE_CHECKING:
@@ -99,7 +101,7 @@ class _HostValidation:
     def __init__(self, cfg: Config, address: HostPort) -> None:
         self.cfg = cfg
         self.address = address
-        self.label = f"{address[0]}:{address[1]}"
+        self.label = format_host(*address)
         self.timeout = cfg.health_probe_timeout
         self.sockaddrs: list[Any] = []
         self.client: Client | None = None

@@ -22,7 +22,8 @@ import structlog
 
 from ..breaker import CircuitState
 from ..errors import ErrorKind, classify, describe
-from .common import Report, ReportCache, elapsed_ms, utc_iso
+from ..metrics import utc_iso
+from .common import Report, ReportCache, elapsed_ms
 from .consistency import check_consistency
 from .dependencies import validate_dependencies
 
@@ -75,8 +76,9 @@ class HealthMonitor:
 
     # -- BackgroundService --------------------------------------------------------------
     def start(self) -> None:
-        if self._thread is not None or self._stopping.is_set():
-            return
+        thread = self._thread
+        if (thread is not None and thread.is_alive()) or self._stopping.is_set():
+            return  # (a thread inherited through fork() is not alive: start a new one)
         self._thread = threading.Thread(target=self._run, name="chresilient-health", daemon=True)
         self._thread.start()
 
@@ -266,11 +268,10 @@ class HealthMonitor:
 
     def _wake_spool(self) -> None:
         """Let the spool replayer (if this manager has one) deliver what waited."""
-        for name in ("replayer", "spool"):
-            wake = getattr(getattr(self._mgr, name, None), "wake", None)
-            if callable(wake):
-                try:
-                    wake()
-                except Exception as exc:
-                    log.warning("spool_wake_failed", error=describe(exc))
-                return
+        spool = self._mgr.spool
+        if spool is None:
+            return
+        try:
+            spool.wake()
+        except Exception as exc:
+            log.warning("spool_wake_failed", error=describe(exc))

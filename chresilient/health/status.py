@@ -12,7 +12,9 @@ from typing import TYPE_CHECKING
 
 from ..breaker import CircuitState
 from ..errors import describe
-from .common import Report, ReportCache, utc_iso
+from ..metrics import utc_iso
+from ..pool import DEDUP_SETTING, insert_delivery
+from .common import Report, ReportCache
 
 if TYPE_CHECKING:
     from ..manager import ClickHouseConnectionManager, HostState
@@ -126,13 +128,13 @@ def server_section(mgr: ClickHouseConnectionManager) -> Report:
         if info is None:
             out[host.label] = None
             continue
-        dedup = bool(host.pool.features.get("insert_deduplication_token", False))
+        dedup = bool(host.pool.features.get(DEDUP_SETTING, False))
         out[host.label] = {
             "version": info.version_string,
             "revision": info.revision,
             "timezone": info.timezone,
             "insert_deduplication": dedup,
-            "insert_delivery": "exactly_once_with_token" if dedup else "at_least_once",
+            "insert_delivery": insert_delivery(dedup),
         }
     return out
 

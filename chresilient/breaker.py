@@ -85,6 +85,11 @@ class CircuitBreaker:
 
     def acquire(self) -> Permit:
         """A permit for one call; raises :class:`CircuitOpenError` when refused."""
+        generation = self._generation
+        if self._state is CircuitState.CLOSED and generation == self._generation:
+            # The hot path takes no lock: a closed breaker admits every call, and a call
+            # racing with the opening transition is one that started a moment earlier.
+            return Permit(self, generation, False)
         moves: list[_Move] = []
         with self._lock:
             now = self._clock()
@@ -217,6 +222,11 @@ class CircuitBreaker:
         return value
 
     def _release(self, permit: Permit, outcome: str, exc: BaseException | None) -> None:
+        if (outcome == "success" and not permit.trial and not permit._done
+                and self._failures == 0 and permit._generation == self._generation):
+            permit._done = True  # nothing to reset: the common case takes no lock
+            return
+
         def apply(now: float, moves: list[_Move]) -> None:
             if permit._done:
                 return

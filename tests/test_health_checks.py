@@ -85,10 +85,10 @@ def test_refused_port_names_the_native_port(clickhouse: Any) -> None:
     assert "server up" in advice and "9000" in advice and "8123" in advice
 
 
-def test_http_port_is_recognised(clickhouse: Any) -> None:
-    if clickhouse.http_port is None:
-        pytest.skip("the session server's HTTP port is unknown (CLICKHOUSE_TEST_URL)")
-    with manager(clickhouse, port=clickhouse.http_port, health_probe_timeout=0.5) as mgr:
+def test_http_port_is_recognised(clickhouse_server: Any) -> None:
+    # A private server: its HTTP port is always known (an external one's may not be).
+    port = clickhouse_server.http_port
+    with manager(clickhouse_server, port=port, health_probe_timeout=0.5) as mgr:
         report = mgr.validate_service_dependencies()
     checks = by_name(report)
     assert checks["tcp"]["status"] == "passed"

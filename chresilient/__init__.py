@@ -27,7 +27,7 @@ from .errors import (
 from .health import health_wsgi_app
 from .ingest import InsertResult, InsertTotals
 from .manager import ClickHouseConnectionManager
-from .replay import ReplayReport, Spool
+from .spool import ReplayReport, Spool
 
 __version__ = "0.1.0"
 

@@ -191,6 +191,11 @@ class CircuitBreaker:
         return self._locked(lambda now, moves: self._state)
 
     @property
+    def closed(self) -> bool:
+        """Closed right now (an open breaker past its timeout reads half-open)."""
+        return self.state is CircuitState.CLOSED
+
+    @property
     def retry_after(self) -> float:
         """Seconds until the breaker goes half-open; 0 unless open."""
         return self._locked(lambda now, moves: self._retry_after(now))
@@ -206,6 +211,10 @@ class CircuitBreaker:
             "last_error": None if self._last_error is None else describe(self._last_error),
             "last_state_change": max(0.0, now - self._changed_at),
         })
+
+    def after_fork_in_child(self) -> None:
+        """A parent thread may have held the lock at fork time."""
+        self._lock = threading.Lock()
 
     def __repr__(self) -> str:
         return f"<CircuitBreaker {self._name!r} {self._state.value}>"

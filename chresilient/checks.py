@@ -22,8 +22,8 @@ from typing import Any
 from .config import CircuitBreakerConfig, Config, RetryConfig
 from .errors import CircuitOpenError, ClickHouseUnavailableError, describe
 from .health.wsgi import health_wsgi_app
-from .ingest import quote_identifier
 from .manager import ClickHouseConnectionManager
+from .statement import quote_identifier
 from .testing.faultproxy import FaultProxy
 from .testing.http import request, serve_wsgi
 

@@ -7,39 +7,33 @@ the variable); nothing silently falls back to a default.
 from __future__ import annotations
 
 import dataclasses
-import math
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Callable, TypeVar
-from urllib.parse import parse_qsl, quote, unquote
+from urllib.parse import quote
 
+from .config_values import (
+    HostPort,
+    check,
+    format_host,
+    parse_alt_hosts,
+    parse_bool,
+    parse_float,
+    parse_int,
+    positive,
+    url_fields,
+    valid_host,
+    valid_port,
+    whole,
+)
 from .errors import ConfigError
 
 LOAD_BALANCING = ("in_order", "round_robin", "random", "least_loaded")
 SPOOL_FULL_POLICIES = ("raise", "block", "drop_oldest")
 REDACTED = "***"
 
-HostPort = tuple[str, int]
 T = TypeVar("T")
-
-
-def _check(cond: bool, name: str, problem: str) -> None:
-    if not cond:
-        raise ConfigError(name, problem)
-
-
-def _positive(value: float, name: str, *, allow_zero: bool = False) -> None:
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-    ok = ok and (value >= 0 if allow_zero else value > 0)
-    _check(
-        ok, name, f"must be a {'non-negative' if allow_zero else 'positive'} number, got {value!r}"
-    )
-
-
-def _whole(value: int, name: str, minimum: int) -> None:
-    ok = isinstance(value, int) and not isinstance(value, bool) and value >= minimum
-    _check(ok, name, f"must be an integer >= {minimum}, got {value!r}")
 
 
 @dataclass(frozen=True)
@@ -63,18 +57,18 @@ class RetryConfig:
     budget_burst: float = 10.0
 
     def __post_init__(self) -> None:
-        _whole(self.max_attempts, "retry.max_attempts", 1)
-        _positive(self.initial_delay, "retry.initial_delay", allow_zero=True)
-        _positive(self.max_delay, "retry.max_delay", allow_zero=True)
-        _check(self.max_delay >= self.initial_delay, "retry.max_delay", "must be >= initial_delay")
-        _positive(self.exponential_base, "retry.exponential_base")
-        _check(self.exponential_base >= 1, "retry.exponential_base", "must be >= 1")
-        _check(isinstance(self.jitter, bool), "retry.jitter", "must be a boolean")
-        _positive(self.timeout_per_attempt, "retry.timeout_per_attempt")
+        whole(self.max_attempts, "retry.max_attempts", 1)
+        positive(self.initial_delay, "retry.initial_delay", allow_zero=True)
+        positive(self.max_delay, "retry.max_delay", allow_zero=True)
+        check(self.max_delay >= self.initial_delay, "retry.max_delay", "must be >= initial_delay")
+        positive(self.exponential_base, "retry.exponential_base")
+        check(self.exponential_base >= 1, "retry.exponential_base", "must be >= 1")
+        check(isinstance(self.jitter, bool), "retry.jitter", "must be a boolean")
+        positive(self.timeout_per_attempt, "retry.timeout_per_attempt")
         if self.total_timeout is not None:
-            _positive(self.total_timeout, "retry.total_timeout")
-        _positive(self.budget_ratio, "retry.budget_ratio", allow_zero=True)
-        _positive(self.budget_burst, "retry.budget_burst", allow_zero=True)
+            positive(self.total_timeout, "retry.total_timeout")
+        positive(self.budget_ratio, "retry.budget_ratio", allow_zero=True)
+        positive(self.budget_burst, "retry.budget_burst", allow_zero=True)
 
 
 @dataclass(frozen=True)
@@ -95,18 +89,18 @@ class ConnectionPoolConfig:
     connect_timeout: float = 10.0
 
     def __post_init__(self) -> None:
-        _whole(self.pool_size, "pool.pool_size", 1)
-        _whole(self.max_connections, "pool.max_connections", 1)
-        _check(
+        whole(self.pool_size, "pool.pool_size", 1)
+        whole(self.max_connections, "pool.max_connections", 1)
+        check(
             self.max_connections >= self.pool_size,
             "pool.max_connections",
             f"must be >= pool_size ({self.pool_size}), got {self.max_connections}",
         )
-        _positive(self.connection_timeout, "pool.connection_timeout")
-        _positive(self.pool_recycle_time, "pool.pool_recycle_time")
-        _positive(self.health_check_interval, "pool.health_check_interval")
-        _positive(self.ping_after_idle, "pool.ping_after_idle", allow_zero=True)
-        _positive(self.connect_timeout, "pool.connect_timeout")
+        positive(self.connection_timeout, "pool.connection_timeout")
+        positive(self.pool_recycle_time, "pool.pool_recycle_time")
+        positive(self.health_check_interval, "pool.health_check_interval")
+        positive(self.ping_after_idle, "pool.ping_after_idle", allow_zero=True)
+        positive(self.connect_timeout, "pool.connect_timeout")
 
 
 @dataclass(frozen=True)
@@ -120,9 +114,9 @@ class CircuitBreakerConfig:
     half_open_max_calls: int = 3
 
     def __post_init__(self) -> None:
-        _whole(self.failure_threshold, "breaker.failure_threshold", 1)
-        _positive(self.recovery_timeout, "breaker.recovery_timeout")
-        _whole(self.half_open_max_calls, "breaker.half_open_max_calls", 1)
+        whole(self.failure_threshold, "breaker.failure_threshold", 1)
+        positive(self.recovery_timeout, "breaker.recovery_timeout")
+        whole(self.half_open_max_calls, "breaker.half_open_max_calls", 1)
 
 
 @dataclass(frozen=True)
@@ -142,19 +136,19 @@ class AnalyticsTable:
 
     def __post_init__(self) -> None:
         where = f"analytics_tables[{self.name!r}]"
-        _check(isinstance(self.name, str) and bool(self.name), "analytics_tables", "empty name")
+        check(isinstance(self.name, str) and bool(self.name), "analytics_tables", "empty name")
         raw: Any = self.columns
         items = list(raw.items()) if isinstance(raw, Mapping) else list(raw)
         columns: list[tuple[str, str]] = []
         for item in items:
             ok = isinstance(item, (tuple, list)) and len(item) == 2
             ok = ok and all(isinstance(part, str) and part.strip() for part in item)
-            _check(ok, f"{where}.columns", f"expected (name, type) pairs of strings, got {item!r}")
+            check(ok, f"{where}.columns", f"expected (name, type) pairs of strings, got {item!r}")
             columns.append((item[0], item[1]))
         object.__setattr__(self, "columns", tuple(columns))
         for name in ("engine", "database"):
             value = getattr(self, name)
-            _check(
+            check(
                 value is None or (isinstance(value, str) and bool(value.strip())),
                 f"{where}.{name}",
                 f"must be a non-empty string or None, got {value!r}",
@@ -172,7 +166,7 @@ def _analytics_tables(value: Any) -> tuple[AnalyticsTable, ...]:
                 item = AnalyticsTable(**item)
             except TypeError as err:
                 raise ConfigError("analytics_tables", str(err)) from None
-        _check(
+        check(
             isinstance(item, AnalyticsTable),
             "analytics_tables",
             f"expected AnalyticsTable items, got {type(item).__name__}",
@@ -185,86 +179,6 @@ def default_spool_dir() -> str:
     """The user's cache dir (XDG) plus ``chresilient/spool``."""
     base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
     return os.path.join(base, "chresilient", "spool")
-
-
-def _parse_host_port(text: str, name: str, default_port: int) -> HostPort:
-    text = text.strip()
-    _check(bool(text), name, "empty host")
-    if text.startswith("["):  # [::1]:9000
-        host, sep, rest = text[1:].partition("]")
-        _check(bool(sep) and bool(host), name, f"malformed IPv6 host {text!r}")
-        port_text = rest[1:] if rest.startswith(":") else ""
-        _check(rest == "" or rest.startswith(":"), name, f"malformed host {text!r}")
-    elif text.count(":") == 1:
-        host, port_text = text.split(":")
-    else:
-        host, port_text = text, ""
-    _valid_host(host, name)
-    port = _parse_int(port_text, name) if port_text else default_port
-    _valid_port(port, name)
-    return host, port
-
-
-def _valid_host(host: object, name: str) -> None:
-    ok = isinstance(host, str) and bool(host)
-    ok = ok and not any(c.isspace() or c in "/@?#,[]" for c in str(host))
-    _check(ok, name, f"bad host {host!r}")
-
-
-def _valid_port(port: object, name: str) -> None:
-    ok = isinstance(port, int) and not isinstance(port, bool) and 0 < port < 65536
-    _check(ok, name, f"port must be an integer 1-65535, got {port!r}")
-
-
-def _parse_int(text: str, name: str) -> int:
-    try:
-        return int(text.strip())
-    except ValueError:
-        raise ConfigError(name, f"expected an integer, got {text!r}") from None
-
-
-def _parse_float(text: str, name: str) -> float:
-    try:
-        value = float(text.strip())
-    except ValueError:
-        raise ConfigError(name, f"expected a number, got {text!r}") from None
-    _check(math.isfinite(value), name, f"expected a finite number, got {text!r}")
-    return value
-
-
-def _parse_bool(text: str, name: str) -> bool:
-    low = text.strip().lower()
-    if low in ("1", "true", "yes", "on"):
-        return True
-    if low in ("0", "false", "no", "off"):
-        return False
-    raise ConfigError(name, f"expected true/false, got {text!r}")
-
-
-def _parse_alt_hosts(value: Any, name: str) -> tuple[HostPort, ...]:
-    if isinstance(value, str):
-        items: list[Any] = [part for part in value.split(",") if part.strip()]
-    else:
-        try:
-            items = list(value)
-        except TypeError:
-            raise ConfigError(name, f"expected host:port items, got {value!r}") from None
-    hosts = []
-    for item in items:
-        if isinstance(item, str):
-            hosts.append(_parse_host_port(item, name, 9000))
-        elif (
-            isinstance(item, (tuple, list))
-            and len(item) == 2
-            and isinstance(item[0], str)
-            and isinstance(item[1], int)
-        ):
-            _valid_host(item[0], name)
-            _valid_port(item[1], name)
-            hosts.append((item[0], item[1]))
-        else:
-            raise ConfigError(name, f"expected 'host:port' or (host, port), got {item!r}")
-    return tuple(hosts)
 
 
 @dataclass(frozen=True)
@@ -312,20 +226,20 @@ class Config:
     def __post_init__(self) -> None:
         for name in ("host", "user", "database", "client_name"):
             value = getattr(self, name)
-            _check(isinstance(value, str), name, f"must be a string, got {type(value).__name__}")
-        _check(isinstance(self.password, str), "password", "must be a string")
-        _valid_host(self.host, "host")
-        _valid_port(self.port, "port")
-        _check(bool(self.database), "database", "must not be empty")
-        _check(isinstance(self.secure, bool), "secure", "must be a boolean")
-        _check(isinstance(self.verify, bool), "verify", "must be a boolean")
-        object.__setattr__(self, "alt_hosts", _parse_alt_hosts(self.alt_hosts, "alt_hosts"))
-        _check(
+            check(isinstance(value, str), name, f"must be a string, got {type(value).__name__}")
+        check(isinstance(self.password, str), "password", "must be a string")
+        valid_host(self.host, "host")
+        valid_port(self.port, "port")
+        check(bool(self.database), "database", "must not be empty")
+        check(isinstance(self.secure, bool), "secure", "must be a boolean")
+        check(isinstance(self.verify, bool), "verify", "must be a boolean")
+        object.__setattr__(self, "alt_hosts", parse_alt_hosts(self.alt_hosts, "alt_hosts"))
+        check(
             self.load_balancing in LOAD_BALANCING,
             "load_balancing",
             f"must be one of {', '.join(LOAD_BALANCING)}, got {self.load_balancing!r}",
         )
-        _check(isinstance(self.settings, Mapping), "settings", "must be a mapping")
+        check(isinstance(self.settings, Mapping), "settings", "must be a mapping")
         object.__setattr__(self, "settings", dict(self.settings))
         for name, kind in (
             ("retry", RetryConfig),
@@ -333,32 +247,32 @@ class Config:
             ("breaker", CircuitBreakerConfig),
         ):
             value = getattr(self, name)
-            _check(isinstance(value, kind), name, f"must be a {kind.__name__}")
-        _positive(self.health_probe_timeout, "health_probe_timeout")
+            check(isinstance(value, kind), name, f"must be a {kind.__name__}")
+        positive(self.health_probe_timeout, "health_probe_timeout")
         object.__setattr__(self, "analytics_tables", _analytics_tables(self.analytics_tables))
-        _positive(self.consistency_check_interval, "consistency_check_interval")
+        positive(self.consistency_check_interval, "consistency_check_interval")
         probe = self.analytics_probe_table
-        _check(
+        check(
             probe is None or (isinstance(probe, str) and bool(probe.strip())),
             "analytics_probe_table",
             f"must be a table name or None, got {probe!r}",
         )
-        _whole(self.spool_max_bytes, "spool_max_bytes", 1)
-        _check(
+        whole(self.spool_max_bytes, "spool_max_bytes", 1)
+        check(
             self.spool_full_policy in SPOOL_FULL_POLICIES,
             "spool_full_policy",
             f"must be one of {', '.join(SPOOL_FULL_POLICIES)}, got {self.spool_full_policy!r}",
         )
-        _check(isinstance(self.spool_enabled, bool), "spool_enabled", "must be a boolean")
-        _check(
+        check(isinstance(self.spool_enabled, bool), "spool_enabled", "must be a boolean")
+        check(
             self.spool_dir is None or (isinstance(self.spool_dir, str) and bool(self.spool_dir)),
             "spool_dir",
             f"must be a non-empty path or None, got {self.spool_dir!r}",
         )
-        _positive(self.spool_block_timeout, "spool_block_timeout", allow_zero=True)
-        _positive(self.spool_replay_interval, "spool_replay_interval")
+        positive(self.spool_block_timeout, "spool_block_timeout", allow_zero=True)
+        positive(self.spool_replay_interval, "spool_replay_interval")
         if self.max_replica_delay is not None:
-            _positive(self.max_replica_delay, "max_replica_delay")
+            positive(self.max_replica_delay, "max_replica_delay")
 
     # -- derived values -------------------------------------------------------------
     @property
@@ -393,7 +307,7 @@ class Config:
     @classmethod
     def from_url(cls, url: str, **overrides: Any) -> Config:
         """Parse ``clickhouse://user:pw@host:port[,host2:port2]/db?secure=false``."""
-        return cls(**{**_url_fields(url), **overrides})
+        return cls(**{**url_fields(url), **overrides})
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Config:
@@ -406,87 +320,6 @@ class Config:
             if var is None or err.field.startswith("CLICKHOUSE_"):
                 raise
             raise ConfigError(var, err.problem) from None
-
-
-def format_host(host: str, port: int) -> str:
-    """``host:port``, with IPv6 hosts in brackets: the one label a host has everywhere."""
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-
-
-_URL_PARAMS: dict[str, Callable[[str, str], Any]] = {
-    "secure": _parse_bool,
-    "verify": _parse_bool,
-    "ca_certs": lambda v, n: v,
-    "client_name": lambda v, n: v,
-    "compression": lambda v, n: v if v not in ("true", "false", "1", "0") else _parse_bool(v, n),
-    "load_balancing": lambda v, n: v,
-    "alt_hosts": _parse_alt_hosts,
-}
-
-
-def _url_fields(url: str) -> dict[str, Any]:
-    _check(isinstance(url, str), "url", "must be a string")
-    scheme, sep, rest = url.partition("://")
-    _check(bool(sep), "url", "expected clickhouse://user:password@host:port/database")
-    _check(
-        scheme in ("clickhouse", "clickhouses"),
-        "url",
-        f"scheme must be clickhouse:// or clickhouses://, got {scheme!r}",
-    )
-    # A password with a raw '/', '?' or '#' would be split off as path, query or fragment,
-    # and the errors below would then quote pieces of it: refuse it without echoing.
-    cut = min((i for i in (rest.find(c) for c in "/?#") if i >= 0), default=len(rest))
-    _check(
-        "@" not in rest[cut:],
-        "url",
-        "'@' after the host part; percent-encode '/', '?', '#' and '@' in the user and "
-        "password (urllib.parse.quote(password, safe='')), and '@' elsewhere as %40",
-    )
-    rest, _, fragment = rest.partition("#")
-    rest, _, query = rest.partition("?")
-    netloc, _, path = rest.partition("/")
-    fields: dict[str, Any] = {"secure": scheme == "clickhouses"}
-    if "@" in netloc:
-        auth, _, netloc = netloc.rpartition("@")
-        user, has_pw, password = auth.partition(":")
-        if user:
-            fields["user"] = unquote(user)
-        if has_pw:
-            fields["password"] = unquote(password)
-    hosts = [h for h in netloc.split(",")] if netloc else []
-    _check(bool(hosts) and all(h.strip() for h in hosts), "url", "missing host")
-    try:
-        parsed = [_parse_host_port(h, "url", 9000) for h in hosts]
-    except ConfigError:
-        # Never quote the host part of a URL: in 'clickhouse://user:secret' (no '@') the
-        # password sits where the port goes.
-        raise ConfigError(
-            "url", "bad host or port (not shown: it may hold a password written without "
-            "'@'); expected clickhouse://user:password@host:port/database"
-        ) from None
-    fields["host"], fields["port"] = parsed[0]
-    alt = list(parsed[1:])
-    database = unquote(path.strip("/"))
-    if database:
-        _check("/" not in database, "url", f"bad database name {database!r}")
-        fields["database"] = database
-    for key, value in parse_qsl(query, keep_blank_values=True, strict_parsing=False):
-        parser = _URL_PARAMS.get(key)
-        _check(
-            parser is not None,
-            f"url parameter {key!r}",
-            f"unknown; known: {', '.join(sorted(_URL_PARAMS))}",
-        )
-        assert parser is not None
-        parsed_value = parser(value, f"url parameter {key!r}")
-        if key == "alt_hosts":
-            alt.extend(parsed_value)
-        else:
-            fields[key] = parsed_value
-    if alt:
-        fields["alt_hosts"] = tuple(alt)
-    del fragment
-    return fields
 
 
 # Field name (as used by validation) -> the environment variable that sets it.
@@ -535,17 +368,17 @@ def _config_from_env(cls: type[Config], env: Mapping[str, str]) -> Config:
     url = env.get("CLICKHOUSE_URL")
     if url:
         try:
-            top.update(_url_fields(url))
+            top.update(url_fields(url))
         except ConfigError as err:
             raise ConfigError("CLICKHOUSE_URL", err.problem) from None
     else:
         parts: dict[str, Callable[[str, str], Any]] = {
             "host": text,
-            "port": _parse_int,
+            "port": parse_int,
             "user": text,
             "password": text,
             "database": text,
-            "secure": _parse_bool,
+            "secure": parse_bool,
         }
         for name, parse in parts.items():
             var = _ENV_FOR_FIELD[name]
@@ -556,17 +389,17 @@ def _config_from_env(cls: type[Config], env: Mapping[str, str]) -> Config:
             value = _env_value(env, var, parse)
             if value is not None:
                 top[name] = value
-    alt = _env_value(env, "CLICKHOUSE_ALT_HOSTS", _parse_alt_hosts)
+    alt = _env_value(env, "CLICKHOUSE_ALT_HOSTS", parse_alt_hosts)
     if alt:
         top["alt_hosts"] = tuple(top.get("alt_hosts", ())) + alt
     for name, parse in (
         ("load_balancing", text),
         ("spool_dir", text),
-        ("spool_max_bytes", _parse_int),
+        ("spool_max_bytes", parse_int),
         ("spool_full_policy", text),
-        ("spool_enabled", _parse_bool),
-        ("spool_block_timeout", _parse_float),
-        ("max_replica_delay", _parse_float),
+        ("spool_enabled", parse_bool),
+        ("spool_block_timeout", parse_float),
+        ("max_replica_delay", parse_float),
     ):
         value = _env_value(env, _ENV_FOR_FIELD[name], parse)
         if value is not None:
@@ -577,7 +410,7 @@ def _config_from_env(cls: type[Config], env: Mapping[str, str]) -> Config:
         if not dot:
             continue
         kind = {f.name: f.type for f in dataclasses.fields(_SECTIONS[section])}[attr]
-        parse_num: Callable[[str, str], Any] = _parse_int if kind in ("int", int) else _parse_float
+        parse_num: Callable[[str, str], Any] = parse_int if kind in ("int", int) else parse_float
         value = _env_value(env, var, parse_num)
         if value is not None:
             sections[section][attr] = value

@@ -11,7 +11,6 @@ import socket
 import ssl
 
 from clickhouse_driver import errors as driver_errors
-from sqlalchemy import exc as sa_exc
 
 
 class ChResilientError(driver_errors.Error):  # type: ignore[misc]
@@ -181,9 +180,7 @@ def classify(exc: BaseException) -> ErrorKind:
         if code in TRANSIENT_CODES:
             return ErrorKind.TRANSIENT
         return ErrorKind.DETERMINISTIC
-    if isinstance(
-        exc, (sa_exc.TimeoutError, ClientClosedError, PoolTimeoutError, CircuitOpenError)
-    ):
+    if isinstance(exc, (ClientClosedError, PoolTimeoutError, CircuitOpenError)):
         return ErrorKind.LOCAL
     if isinstance(exc, ClickHouseUnavailableError):
         return ErrorKind.TRANSPORT
@@ -194,25 +191,6 @@ def classify(exc: BaseException) -> ErrorKind:
 
 # Transient codes the server raises before it writes anything: a write may be repeated.
 REFUSED_BEFORE_WRITE_CODES = frozenset({202, 203, 242, 252, 285})
-
-
-def is_retryable(
-    kind: ErrorKind,
-    *,
-    is_write: bool = False,
-    deduplicated: bool = False,
-    code: int | None = None,
-) -> bool:
-    """Whether another attempt is safe.
-
-    A read can always be repeated, and so can a write the server refused up front
-    (``REFUSED_BEFORE_WRITE_CODES``). A write whose outcome is unknown (the connection
-    broke, 319, a memory limit mid-way) is repeated only when it is an INSERT the server
-    can deduplicate by token.
-    """
-    if kind not in UNAVAILABLE_KINDS:
-        return False
-    return not is_write or deduplicated or code in REFUSED_BEFORE_WRITE_CODES
 
 
 UNAVAILABLE_KINDS = frozenset({ErrorKind.TRANSPORT, ErrorKind.TRANSIENT})
@@ -244,3 +222,22 @@ def describe(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()
     first = text[0] if text else ""
     return f"{type(exc).__name__}: {first}" if first else type(exc).__name__
+
+
+def refusal_advice(exc: BaseException, *, user: str, database: str, host: str) -> str | None:
+    """For an error that waiting cannot fix (credentials, unknown database), the message
+    that names the fix; None for any other error. The startup gate raises it and the
+    dependency report recommends it, so both say the same."""
+    code = server_code(exc)
+    if code in AUTH_CODES:
+        return (
+            f"authentication failed for user {user!r} at {host}: {describe(exc)}; check "
+            "CLICKHOUSE_USER and CLICKHOUSE_PASSWORD, and that the user may connect from "
+            "this address"
+        )
+    if code == UNKNOWN_DATABASE:
+        return (
+            f"database {database!r} does not exist at {host}: {describe(exc)}; check "
+            "CLICKHOUSE_DB, or create it"
+        )
+    return None

@@ -15,10 +15,11 @@ import time
 import uuid
 from collections.abc import Iterable, Mapping, Sequence, Sized
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Union
+from typing import Any, Callable
 
 import structlog
 
+from .config import Config
 from .errors import (
     ChResilientError,
     ClickHouseUnavailableError,
@@ -26,12 +27,13 @@ from .errors import (
     SpoolError,
     describe,
 )
-from .pool import DEDUP_SETTING, insert_delivery
-from .replay import Spool, SpoolReplayer
-from .spool import SpooledBatch, SpoolStore
+from .events import Event, Events
+from .metrics import SPOOL_COUNTERS, Metrics
+from .spool import Spool, SpooledBatch, SpoolReplayer, SpoolStore
+from .statement import DEDUP_SETTING, TableName, insert_delivery, insert_query, quote_table
 
-if TYPE_CHECKING:
-    from .manager import ClickHouseConnectionManager
+# ``execute(query, rows, settings=...)``: the manager's call path, retry and breaker included.
+Execute = Callable[..., Any]
 
 log = structlog.get_logger("chresilient.spool")
 
@@ -41,18 +43,6 @@ LOG_EVERY_BATCHES = 100
 # A replay lease outlives the longest call the retry policy allows by this much.
 LEASE_MARGIN = 30.0
 
-TableName = Union[str, tuple[str, str]]
-
-# The spool's counters in metrics() and their Prometheus help: dropped rows must be alertable.
-SPOOL_COUNTERS = {
-    "spool_batches_written": "Batches written to the spool because ClickHouse was unavailable.",
-    "spool_rows_written": "Rows written to the spool because ClickHouse was unavailable.",
-    "spool_batches_replayed": "Spooled batches delivered to ClickHouse.",
-    "spool_rows_replayed": "Spooled rows delivered to ClickHouse.",
-    "spool_batches_set_aside": "Spooled batches the server rejected for good (kept aside).",
-    "spool_dropped_batches": "Batches evicted by the drop_oldest policy: data lost.",
-    "spool_dropped_rows": "Rows evicted by the drop_oldest policy: data lost.",
-}
 
 
 @dataclass(frozen=True)
@@ -92,32 +82,7 @@ class InsertTotals:
             self.batches_delivered += 1
 
 
-# -- identifiers and rows ----------------------------------------------------------------
-def quote_identifier(name: str) -> str:
-    """``name`` in backticks, with backslashes and backticks escaped."""
-    if not isinstance(name, str) or not name or "\x00" in name:
-        raise InvalidBatchError(f"bad identifier {name!r}")
-    return "`" + name.replace("\\", "\\\\").replace("`", "\\`") + "`"
-
-
-def quote_table(table: TableName) -> str:
-    """``"db.table"`` (split at the first dot), ``("db", "table")`` or ``"table"``, quoted."""
-    if isinstance(table, tuple):
-        if len(table) != 2:
-            raise InvalidBatchError(f"table must be 'name', 'db.name' or (db, name): {table!r}")
-        database, name = table
-    elif isinstance(table, str) and "." in table:
-        database, _, name = table.partition(".")
-    else:
-        return quote_identifier(table)
-    return f"{quote_identifier(database)}.{quote_identifier(name)}"
-
-
-def insert_query(table_sql: str, columns: Sequence[str] | None) -> str:
-    cols = f" ({', '.join(quote_identifier(c) for c in columns)})" if columns else ""
-    return f"INSERT INTO {table_sql}{cols} VALUES"
-
-
+# -- rows ----------------------------------------------------------------------------------
 def shape_rows(
     rows: Iterable[Any], column_names: Sequence[str] | None, *, offset: int = 0
 ) -> tuple[list[Any], tuple[str, ...] | None]:
@@ -176,33 +141,31 @@ def _dict_rows(
 
 # -- delivery -------------------------------------------------------------------------------
 def deliver(
-    mgr: ClickHouseConnectionManager,
+    execute: Execute,
+    metrics: Metrics,
     table_sql: str,
     columns: Sequence[str] | None,
     rows: Sequence[Any],
     settings: Mapping[str, Any] | None,
     batch_id: str,
 ) -> None:
-    """One INSERT through the manager's retry/breaker path, with the batch id as token.
+    """One INSERT through the call path, with the batch id as dedup token.
 
-    The manager drops the token on servers without it (delivery is then at least once).
+    The call path drops the token on servers without it (delivery is then at least once).
     """
     sets = dict(settings or {})
     sets[DEDUP_SETTING] = batch_id
-    mgr.execute(insert_query(table_sql, columns), rows, settings=sets)
-    mgr.metrics_registry.incr("inserts_total")
-    mgr.metrics_registry.incr("rows_inserted", len(rows))
-
-
-def deliver_spooled(mgr: ClickHouseConnectionManager, batch: SpooledBatch) -> None:
-    deliver(mgr, batch.table, batch.columns, batch.decode_rows(), batch.settings, batch.batch_id)
+    execute(insert_query(table_sql, columns), rows, settings=sets)
+    metrics.incr("inserts_total")
+    metrics.incr("rows_inserted", len(rows))
 
 
 class Inserter:
-    """``mgr.insert`` and ``mgr.insert_batches``."""
+    """``mgr.insert`` and ``mgr.insert_batches``: deliver through ``execute`` or spool."""
 
-    def __init__(self, mgr: ClickHouseConnectionManager, spool: Spool | None) -> None:
-        self.mgr = mgr
+    def __init__(self, execute: Execute, metrics: Metrics, spool: Spool | None) -> None:
+        self._execute = execute
+        self._metrics = metrics
         self.spool = spool
         self._warned_not_running = False
 
@@ -221,7 +184,7 @@ class Inserter:
         if not batch:
             return InsertResult(rows=0, delivered=True, spooled=False, batch_id=batch_id)
         try:
-            deliver(self.mgr, table_sql, names, batch, settings, batch_id)
+            deliver(self._execute, self._metrics, table_sql, names, batch, settings, batch_id)
         except ClickHouseUnavailableError as err:
             if self.spool is None:
                 raise
@@ -276,7 +239,7 @@ class Inserter:
                 "spool_replayer_not_running",
                 hint="spooled batches are replayed once mgr.start() runs, or by spool.replay()",
             )
-        metrics = self.mgr.metrics_registry
+        metrics = self._metrics
         metrics.incr("spool_batches_written")
         metrics.incr("spool_rows_written", len(batch))
         if put.dropped_batches:
@@ -374,45 +337,45 @@ def _progress_bar(rows: Iterable[Any]) -> Any:
 
 
 # -- wiring ---------------------------------------------------------------------------------
-def spool_target(mgr: ClickHouseConnectionManager) -> str:
-    """Which ClickHouse a spooled batch belongs to: the primary host and the database."""
-    return f"{mgr.hosts[0].label}/{mgr.config.database}"
-
-
-def open_spool(mgr: ClickHouseConnectionManager) -> Spool | None:
-    """The manager's spool, or None when disabled. Raises ``ConfigError`` for a bad dir."""
-    cfg = mgr.config
+def open_spool(
+    cfg: Config,
+    *,
+    target: str,
+    execute: Execute,
+    metrics: Metrics,
+    events: Events,
+    busy: Callable[[], bool],
+    dedup_supported: Callable[[], bool],
+) -> Spool | None:
+    """The spool and its replayer, or None when disabled. Raises ``ConfigError`` for a bad
+    directory. The replayer wakes when the connection state recovers."""
     if not cfg.spool_enabled:
         return None
     store = SpoolStore(
         cfg.resolved_spool_dir,
-        target=spool_target(mgr),
+        target=target,
         max_bytes=cfg.spool_max_bytes,
         full_policy=cfg.spool_full_policy,
         block_timeout=cfg.spool_block_timeout,
     )
     for counter in SPOOL_COUNTERS:  # present (at 0) in metrics() from the start
-        mgr.metrics_registry.incr(counter, 0)
+        metrics.incr(counter, 0)
     retry = cfg.retry
     longest_call = retry.total_timeout or retry.max_attempts * (
         retry.timeout_per_attempt + retry.max_delay
     )
+
+    def deliver_spooled(batch: SpooledBatch) -> None:
+        rows = batch.decode_rows()
+        deliver(execute, metrics, batch.table, batch.columns, rows, batch.settings, batch.batch_id)
+
     replayer = SpoolReplayer(
         store,
-        lambda batch: deliver_spooled(mgr, batch),
-        metrics=mgr.metrics_registry,
+        deliver_spooled,
+        metrics=metrics,
         interval=cfg.spool_replay_interval,
         lease_seconds=longest_call + LEASE_MARGIN,
-        busy=lambda: _pool_busy(mgr),
+        busy=busy,
     )
-    return Spool(
-        store,
-        replayer,
-        guarantee=lambda: insert_delivery(mgr.supports(DEDUP_SETTING)),
-    )
-
-
-def _pool_busy(mgr: ClickHouseConnectionManager) -> bool:
-    """Live traffic holds every steady connection: the replayer should wait its turn."""
-    gauges = [h.pool.status() for h in mgr.hosts]
-    return sum(g["checked_out"] for g in gauges) >= sum(g["size"] for g in gauges)
+    events.listen(Event.RECOVERED, lambda **_: replayer.wake())
+    return Spool(store, replayer, guarantee=lambda: insert_delivery(dedup_supported()))

@@ -28,6 +28,18 @@ DURATION_BUCKETS = (
 )
 
 
+# The spool's counters in metrics() and their Prometheus help: dropped rows must be alertable.
+SPOOL_COUNTERS = {
+    "spool_batches_written": "Batches written to the spool because ClickHouse was unavailable.",
+    "spool_rows_written": "Rows written to the spool because ClickHouse was unavailable.",
+    "spool_batches_replayed": "Spooled batches delivered to ClickHouse.",
+    "spool_rows_replayed": "Spooled rows delivered to ClickHouse.",
+    "spool_batches_set_aside": "Spooled batches the server rejected for good (kept aside).",
+    "spool_dropped_batches": "Batches evicted by the drop_oldest policy: data lost.",
+    "spool_dropped_rows": "Rows evicted by the drop_oldest policy: data lost.",
+}
+
+
 class Metrics:
     """Thread-safe counters; gauges are read from their owners when a snapshot is taken."""
 
@@ -45,7 +57,6 @@ class Metrics:
         self._lock = threading.Lock()
         self._counters = dict.fromkeys(self.COUNTERS, 0)
         self._errors_by_kind: dict[str, int] = {}
-        self.last_success_wall: float | None = None
         self.started_wall = time.time()
         # One slot per bucket plus +Inf; not cumulative (the exposition sums them).
         self._duration_counts = [0] * (len(DURATION_BUCKETS) + 1)
@@ -77,8 +88,8 @@ class Metrics:
             buckets.append((bound, running))
         return buckets, total, running
 
-    def success(self) -> None:
-        self.last_success_wall = time.time()
+    def after_fork_in_child(self) -> None:
+        self._lock = threading.Lock()
 
     def counters(self) -> dict[str, Any]:
         with self._lock:

@@ -1,15 +1,13 @@
 """A SQLAlchemy ``QueuePool`` of clickhouse-driver connections with a cheap liveness check.
 
-The pool holds :class:`PooledConnection` objects, each wrapping one driver ``Client`` with
-one socket. The driver pings the server before *every* query; here that ping is replaced
-by a non-blocking peek at the socket for connections used recently, and a real ping only
-after a connection sat idle longer than ``ping_after_idle``.
+The pool holds :class:`~chresilient.connection.PooledConnection` objects, each wrapping one
+driver ``Client`` with one socket, and checks them on checkout (see ``is_alive``). Pool
+events (connect, checkout, checkin, invalidate) feed :class:`PoolStats` and record what
+the server said about itself.
 """
 
 from __future__ import annotations
 
-import os
-import select
 import socket
 import threading
 import time
@@ -21,149 +19,18 @@ from typing import Any
 
 import structlog
 from clickhouse_driver import Client
-from clickhouse_driver.connection import Connection
 from clickhouse_driver.errors import ServerException
 from sqlalchemy import event
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.pool import ConnectionPoolEntry, PoolProxiedConnection, QueuePool
 
-from .config import Config, HostPort, format_host
-from .errors import ClientClosedError, ClosedInFlightError, PoolTimeoutError, describe
+from .config import Config
+from .config_values import HostPort, format_host
+from .connection import PooledConnection, make_client
+from .errors import ClientClosedError, ClosedInFlightError, PoolTimeoutError
+from .server import ServerInfo, detect_features
 
 log = structlog.get_logger("chresilient.pool")
-
-# Longest wait for the driver's own ping of an idle connection.
-PING_TIMEOUT = 5.0
-
-
-class _NoPingConnection(Connection):  # type: ignore[misc]
-    """A driver connection that does not ping before every query.
-
-    The pool checks liveness on checkout instead (see :meth:`PooledConnection.is_alive`);
-    a closed connection still reconnects, as in the driver.
-    """
-
-    def force_connect(self) -> None:
-        self.check_query_execution()
-        if not self.connected:
-            self.connect()
-
-
-@dataclass
-class ServerInfo:
-    """What one server said about itself when a connection was made."""
-
-    name: str = ""
-    version: tuple[int, ...] = ()
-    revision: int = 0
-    timezone: str = ""
-    display_name: str = ""
-
-    @property
-    def version_string(self) -> str:
-        return ".".join(str(v) for v in self.version)
-
-
-class PooledConnection:
-    """One pooled driver ``Client`` and when it was last used."""
-
-    def __init__(self, client: Client, address: HostPort) -> None:
-        self.client = client
-        self.address = address
-        self.pid = os.getpid()  # a child process must never shut down its parent's socket
-        self.created = time.monotonic()
-        self.last_used = self.created
-        self.pruned = False  # closed by HostPool.prune() while idle; guarded by its lock
-        # Optional features of the server this connection talks to (set on connect).
-        self.features: Mapping[str, bool] = {}
-
-    @property
-    def connection(self) -> Connection:
-        return self.client.connection
-
-    def set_timeout(self, seconds: float) -> None:
-        """Bound every socket read and write of the next attempt."""
-        conn = self.connection
-        conn.send_receive_timeout = seconds
-        conn.sync_request_timeout = min(seconds, PING_TIMEOUT)
-        sock = conn.socket
-        if sock is not None:
-            sock.settimeout(seconds)
-
-    def is_alive(self, ping_after_idle: float) -> bool:
-        """Peek at the socket; ping only when the connection sat idle a long time.
-
-        A socket peek costs microseconds and sees a server that closed or was killed
-        (EOF or stray bytes make the socket readable). It cannot see a frozen server; only
-        the per-attempt timeout catches that.
-        """
-        conn = self.connection
-        sock = conn.socket
-        if not conn.connected or sock is None:
-            return False
-        if _socket_is_readable(sock):
-            return False  # EOF, reset, or bytes nobody asked for
-        if time.monotonic() - self.last_used < ping_after_idle:
-            return True
-        try:
-            return bool(conn.ping())
-        except Exception:
-            return False
-
-    def close(self) -> None:
-        """Called by the pool when the connection is discarded."""
-        if os.getpid() != self.pid:
-            # Inherited through fork(): shutdown() would cut the parent's connection too;
-            # closing our descriptor only drops this process's reference.
-            sock = self.connection.socket
-            if sock is not None:
-                with suppress(OSError):
-                    sock.close()
-            return
-        with suppress(Exception):
-            self.client.disconnect()
-
-    def rollback(self) -> None:
-        """ClickHouse has no transactions; the pool's reset-on-return is a no-op."""
-
-
-def _socket_is_readable(sock: socket.socket) -> bool:
-    # select() with a zero timeout never blocks, whatever timeout the socket has;
-    # recv(MSG_PEEK) on a socket with a timeout would wait that long first.
-    try:
-        readable, _, errored = select.select([sock], [], [sock], 0)
-    except (OSError, ValueError):
-        return True
-    return bool(readable or errored)
-
-
-def make_client(cfg: Config, address: HostPort, timeout: float) -> Client:
-    """A driver ``Client`` for one host whose connection skips the per-query ping."""
-    host, port = address
-    kwargs: dict[str, Any] = dict(
-        host=host,
-        port=port,
-        user=cfg.user,
-        password=cfg.password,
-        database=cfg.database,
-        secure=cfg.secure,
-        verify=cfg.verify,
-        client_name=cfg.client_name,
-        compression=cfg.compression,
-        connect_timeout=min(cfg.pool.connect_timeout, timeout),
-        send_receive_timeout=timeout,
-        sync_request_timeout=min(PING_TIMEOUT, timeout),
-    )
-    if cfg.ca_certs:
-        kwargs["ca_certs"] = cfg.ca_certs
-    client = Client(settings=dict(cfg.settings), **kwargs)
-    connection = _NoPingConnection(**kwargs)
-    connection.context.settings = client.settings
-    connection.context.client_settings = client.client_settings
-    client.connections.clear()
-    client.connection = connection
-    return client
-
 
 @dataclass
 class PoolStats:
@@ -183,6 +50,18 @@ class PoolStats:
         with self.lock:
             for name, delta in deltas.items():
                 setattr(self, name, getattr(self, name) + delta)
+
+    def as_dict(self) -> dict[str, int]:
+        return {
+            "connects": self.connects,
+            "connect_attempts": self.connect_attempts,
+            "connect_failures": self.connect_failures,
+            "checkouts": self.checkouts,
+            "hits": self.hits,
+            "misses": self.misses,
+            "invalidations": self.invalidations,
+            "pruned": self.pruned,
+        }
 
 
 class HostPool:
@@ -256,18 +135,11 @@ class HostPool:
     # -- pool events ------------------------------------------------------------------
     def _on_pool_connect(self, dbapi_conn: PooledConnection, record: ConnectionPoolEntry) -> None:
         record.info["fresh"] = True
-        info = dbapi_conn.connection.server_info
-        server = ServerInfo(
-            name=str(info.name),
-            version=tuple(info.version_tuple()),
-            revision=int(info.revision),
-            timezone=str(info.timezone or ""),
-            display_name=str(getattr(info, "display_name", "") or ""),
-        )
+        server = ServerInfo.of(dbapi_conn.connection)
         previous, self.server_info = self.server_info, server
         if previous is None or previous.revision != server.revision or not self.features:
             # Once per host (and again after an upgrade): which optional features exist.
-            self.features = server_features(dbapi_conn)
+            self.features = detect_features(dbapi_conn.client, self.label)
         dbapi_conn.features = self.features
         self.stats.bump(connects=1)
 
@@ -362,6 +234,9 @@ class HostPool:
     def queue_pool(self) -> QueuePool:
         """The underlying SQLAlchemy pool (for an engine that should share it)."""
         return self._pool
+
+    def checked_out(self) -> int:
+        return self._pool.checkedout()
 
     def status(self) -> dict[str, int]:
         """Pool gauges: size, checked out, idle, overflow."""
@@ -459,27 +334,3 @@ def _release(fairy: PoolProxiedConnection, ok: bool) -> None:
         fairy.invalidate()
     fairy.close()
 
-
-DEDUP_SETTING = "insert_deduplication_token"
-
-
-def insert_delivery(dedup_supported: bool) -> str:
-    """What a server's dedup support means for a batch whose outcome was unknown.
-
-    The token only deduplicates on tables that do (Replicated*MergeTree, or MergeTree with
-    ``non_replicated_deduplication_window``); elsewhere a replayed batch may appear twice.
-    """
-    return "exactly_once_on_deduplicating_tables" if dedup_supported else "at_least_once"
-
-
-def server_features(conn: PooledConnection) -> Mapping[str, bool]:
-    """Ask the server which optional features it has (one query per host)."""
-    try:
-        rows = conn.client.execute(
-            f"SELECT name FROM system.settings WHERE name IN ('{DEDUP_SETTING}')"
-        )
-    except ServerException as err:  # e.g. a user without access to system tables
-        log.warning("feature_detection_failed", host=conn.address[0], error=describe(err))
-        rows = []
-    names = {row[0] for row in rows}
-    return {DEDUP_SETTING: DEDUP_SETTING in names}

@@ -20,6 +20,7 @@ import structlog
 
 from .config import RetryConfig
 from .errors import (
+    REFUSED_BEFORE_WRITE_CODES,
     SLOW_DOWN_CODES,
     UNAVAILABLE_KINDS,
     CircuitOpenError,
@@ -28,6 +29,7 @@ from .errors import (
     describe,
     server_code,
 )
+from .statement import READ, Statement
 
 T = TypeVar("T")
 log = structlog.get_logger("chresilient.retry")
@@ -39,7 +41,11 @@ FAILOVER_MAX_DELAY = 0.05
 
 @dataclass(frozen=True)
 class RetryPolicy:
-    """How often and how patiently to retry one call."""
+    """How often and how patiently to retry one call, and whether it may be retried.
+
+    The one place that decides retryability (:meth:`is_retry`), as urllib3's ``Retry``
+    does: nothing else in the library second-guesses it.
+    """
 
     max_attempts: int = 5
     initial_delay: float = 1.0
@@ -59,6 +65,23 @@ class RetryPolicy:
             jitter=cfg.jitter,
             timeout_per_attempt=cfg.timeout_per_attempt,
             total_timeout=cfg.total_timeout,
+        )
+
+    def is_retry(self, exc: BaseException, statement: Statement = READ) -> bool:
+        """Whether another attempt of ``statement`` after ``exc`` is safe and useful.
+
+        Only transport and transient errors are worth another attempt. A read can always
+        be repeated, and so can a write the server refused up front
+        (``REFUSED_BEFORE_WRITE_CODES``). A write whose outcome is unknown (the connection
+        broke, 319, a memory limit mid-way) is repeated only when the server deduplicates
+        it by token; data from a one-shot iterator is never sent twice.
+        """
+        if not statement.replayable or classify(exc) not in UNAVAILABLE_KINDS:
+            return False
+        return (
+            not statement.is_write
+            or statement.deduplicated
+            or server_code(exc) in REFUSED_BEFORE_WRITE_CODES
         )
 
     def backoff(
@@ -112,6 +135,9 @@ class RetryBudget:
     def tokens(self) -> float:
         return self._tokens
 
+    def after_fork_in_child(self) -> None:
+        self._lock = threading.Lock()
+
 
 class Deadline:
     """An overall time limit measured on the monotonic clock."""
@@ -144,15 +170,14 @@ def call_with_retry(
     attempt: Callable[[float], T],
     *,
     policy: RetryPolicy,
-    should_retry: Callable[[BaseException], bool],
+    statement: Statement = READ,
     budget: RetryBudget | None = None,
     sleep: Callable[[float], bool] | None = None,
     deadline: Deadline | None = None,
     stats: CallStats | None = None,
-    what: str = "query",
     failover: Callable[[], bool] | None = None,
 ) -> T:
-    """Run ``attempt(timeout)`` until it succeeds or retrying is no longer allowed.
+    """Run ``attempt(timeout)`` until it succeeds or ``policy`` no longer allows a retry.
 
     ``attempt`` gets the time bound of that attempt. A deterministic or auth error is
     raised unchanged after one attempt. When the call ends on a transport or transient
@@ -162,6 +187,7 @@ def call_with_retry(
     ``failover()`` says whether the next attempt goes to a host this call has not tried;
     then the wait is at most :data:`FAILOVER_MAX_DELAY` instead of the full backoff.
     """
+    what = statement.what
     stats = stats if stats is not None else CallStats()
     deadline = deadline or Deadline(policy.total_timeout)
     sleep = sleep or _plain_sleep
@@ -175,7 +201,7 @@ def call_with_retry(
             raise
         except Exception as exc:
             stats.last_error = exc
-            if not should_retry(exc):
+            if not policy.is_retry(exc, statement):
                 if classify(exc) in UNAVAILABLE_KINDS:
                     # e.g. an INSERT cut off mid-way: unsafe to repeat, and the server
                     # did not give an answer the caller could act on.

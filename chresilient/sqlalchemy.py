@@ -18,9 +18,11 @@ from clickhouse_driver import Client
 from clickhouse_sqlalchemy.drivers.native import connector
 from sqlalchemy.engine import ExceptionContext
 
-from .config import Config, HostPort
+from .config import Config
+from .config_values import HostPort
+from .connection import PooledConnection
 from .errors import UNAVAILABLE_KINDS, classify
-from .pool import HostPool, PooledConnection
+from .pool import HostPool
 
 
 class _KeepAliveCursor(connector.Cursor):  # type: ignore[misc]

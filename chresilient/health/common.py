@@ -1,4 +1,4 @@
-"""Small pieces the health modules share: timestamps, identifier quoting, single flight."""
+"""Small pieces the health modules share: timestamps, scrubbing, single flight."""
 
 from __future__ import annotations
 
@@ -7,12 +7,11 @@ import time
 from collections.abc import Mapping
 from concurrent import futures
 from concurrent.futures import Future
-from typing import TYPE_CHECKING, Any, Callable, Generic, TypeVar
+from typing import Any, Callable, Generic, TypeVar
 
-from ..breaker import CircuitState
+import structlog
 
-if TYPE_CHECKING:
-    from ..manager import ClickHouseConnectionManager, HostState
+log = structlog.get_logger("chresilient.health")
 
 T = TypeVar("T")
 Report = dict[str, Any]
@@ -21,14 +20,6 @@ Report = dict[str, Any]
 def elapsed_ms(started: float) -> float:
     """Milliseconds since ``started`` (a ``time.perf_counter()`` value)."""
     return round((time.perf_counter() - started) * 1000, 3)
-
-
-def usable_host(mgr: ClickHouseConnectionManager) -> HostState:
-    """The first host whose breaker is not open (the primary if all are)."""
-    for host in mgr.hosts:
-        if host.breaker.state is not CircuitState.OPEN:
-            return host
-    return mgr.hosts[0]
 
 
 def scrub(value: Any, secret: str) -> Any:
@@ -49,11 +40,14 @@ def scrub(value: Any, secret: str) -> Any:
 
 
 class SingleFlight(Generic[T]):
-    """Run ``fn`` in a daemon thread, at most one run at a time.
+    """Run ``fn`` in a thread this object owns, at most one run at a time.
 
     Callers that arrive while a run is in flight wait for that run instead of starting
     another, and every caller waits at most its own timeout (the run goes on without it):
     a burst of requests costs one check, and no request hangs on a frozen server.
+    :meth:`join` waits for the run in flight (the owner's ``stop``). The thread is a
+    daemon only so that an interpreter exiting without ``close()`` is not held up by a
+    check bounded by its own timeouts.
     """
 
     def __init__(self, fn: Callable[[], T], name: str) -> None:
@@ -61,6 +55,7 @@ class SingleFlight(Generic[T]):
         self._name = name
         self._lock = threading.Lock()
         self._current: Future[T] | None = None
+        self._thread: threading.Thread | None = None
 
     def submit(self) -> Future[T]:
         """The run in flight, or a new one."""
@@ -68,10 +63,27 @@ class SingleFlight(Generic[T]):
             future = self._current
             if future is None or future.done():
                 future = self._current = Future()
-                threading.Thread(
+                self._thread = threading.Thread(
                     target=self._work, args=(future,), name=self._name, daemon=True
-                ).start()
+                )
+                self._thread.start()
         return future
+
+    def join(self, timeout: float) -> bool:
+        """Wait up to ``timeout`` for the run in flight; True when none is left."""
+        thread = self._thread
+        if thread is None or thread is threading.current_thread():
+            return True
+        thread.join(max(timeout, 0.0))
+        if thread.is_alive():
+            log.warning("check_still_running", check=self._name, waited=round(timeout, 3))
+            return False
+        return True
+
+    def after_fork_in_child(self) -> None:
+        """The parent's run does not exist here: forget it, and the parent's lock."""
+        self._lock = threading.Lock()
+        self._current, self._thread = None, None
 
     def run(self, timeout: float) -> T:
         """The result of the run in flight, or of a new one; ``TimeoutError`` after ``timeout``."""
@@ -115,6 +127,10 @@ class ReportCache:
         """Start a new report unless one is being made; do not wait for it."""
         return self._flight.submit()
 
+    def report(self, timeout: float, max_age: float | None = None) -> Report:
+        """A new report, or (with ``max_age``) the latest one if it is young enough."""
+        return self.refresh(timeout) if max_age is None else self.get(max_age, timeout)
+
     def get(self, max_age: float, timeout: float) -> Report:
         """The latest report if younger than ``max_age``, else a new one."""
         age, latest = self.age(), self.latest
@@ -125,6 +141,12 @@ class ReportCache:
     @property
     def running(self) -> bool:
         return self._flight.running
+
+    def join(self, timeout: float) -> bool:
+        return self._flight.join(timeout)
+
+    def after_fork_in_child(self) -> None:
+        self._flight.after_fork_in_child()
 
     def _run_and_store(self) -> Report:
         report = self._run()

@@ -12,27 +12,27 @@ import os
 import socket
 import time
 import uuid
-from typing import TYPE_CHECKING, Any, Callable
+from collections.abc import Sequence
+from typing import Any, Callable
 
 from clickhouse_driver.errors import ServerException
 
 from ..config import AnalyticsTable, Config
 from ..errors import describe
-from ..ingest import quote_identifier
+from ..hosts import HostState, first_usable
 from ..metrics import utc_iso
-from .common import Report, elapsed_ms, usable_host
-
-if TYPE_CHECKING:
-    from ..manager import ClickHouseConnectionManager
+from ..statement import qualified
+from .common import Report, elapsed_ms
 
 Query = Callable[..., Any]
 
 
-def check_consistency(mgr: ClickHouseConnectionManager) -> Report:
+def check_consistency(
+    cfg: Config, hosts: Sequence[HostState], closed: Callable[[], bool]
+) -> Report:
     """The consistency report (see the module docstring); never raises for server trouble."""
-    cfg = mgr.config
     started = time.perf_counter()
-    host = usable_host(mgr)
+    host = first_usable(hosts)
     tables: list[dict[str, Any]] = []
     write: dict[str, Any] = {"status": "not_verifiable", "reason": "not reached"}
     error = None
@@ -43,7 +43,7 @@ def check_consistency(mgr: ClickHouseConnectionManager) -> Report:
                 return conn.client.execute(sql, params)
 
             for table in cfg.analytics_tables:
-                if mgr.closed:
+                if closed():
                     break
                 tables.append(_check_table(query, table, cfg.database))
             write = _write_probe(query, cfg)
@@ -125,7 +125,7 @@ def _check_table(query: Query, table: AnalyticsTable, default_db: str) -> dict[s
 def _read(query: Query, db: str, name: str) -> dict[str, Any]:
     started = time.perf_counter()
     try:
-        query(f"SELECT 1 FROM {quote_identifier(db)}.{quote_identifier(name)} LIMIT 1")
+        query(f"SELECT 1 FROM {qualified(db, name)} LIMIT 1")
     except ServerException as exc:
         return {"ok": False, "duration_ms": elapsed_ms(started), "error": describe(exc)}
     return {"ok": True, "duration_ms": elapsed_ms(started), "error": None}
@@ -137,7 +137,7 @@ def _write_probe(query: Query, cfg: Config) -> dict[str, Any]:
     if name is None:
         return {"status": "not_verifiable", "reason": "write probe disabled"}
     db = cfg.database
-    target = f"{quote_identifier(db)}.{quote_identifier(name)}"
+    target = qualified(db, name)
     report: dict[str, Any] = {"table": f"{db}.{name}", "created": False}
     started = time.perf_counter()
     exists = query(

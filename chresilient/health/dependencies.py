@@ -13,21 +13,20 @@ from __future__ import annotations
 import socket
 import threading
 import time
-from typing import TYPE_CHECKING, Any, Callable
+from typing import Any, Callable
 
 from clickhouse_driver import Client
 from clickhouse_driver.errors import ServerException
 
-from ..config import Config, HostPort, format_host
-from ..errors import AUTH_CODES, UNKNOWN_DATABASE, describe, server_code
-from ..ingest import quote_identifier
+from ..config import Config
+from ..config_values import HostPort, format_host
+from ..connection import make_client
+from ..errors import AUTH_CODES, UNKNOWN_DATABASE, describe, refusal_advice, server_code
 from ..metrics import utc_iso
-from ..pool import make_client
+from ..server import ServerInfo, is_lagging, read_replicas, replica_delay
+from ..statement import qualified
 from .common import Report, elapsed_ms
 from .docker import container_health
-
-if TYPE_CHECKING:
-    from ..manager import ClickHouseConnectionManager
 
 HOST_CHECKS = (
     "dns",
@@ -40,8 +39,6 @@ HOST_CHECKS = (
     "permissions_insert",
     "replication",
 )
-# Replicas further behind than this (seconds) fail the replication check.
-MAX_REPLICATION_DELAY = 300
 UNKNOWN_TABLE = 60
 READONLY = 164
 
@@ -58,9 +55,8 @@ class _Skipped(Exception):
     pass
 
 
-def validate_dependencies(mgr: ClickHouseConnectionManager) -> Report:
+def validate_dependencies(cfg: Config) -> Report:
     """The full report: ``overall_status``, ``checks``, ``recommendations``."""
-    cfg = mgr.config
     started = time.perf_counter()
     checks: list[dict[str, Any]] = []
     for address in cfg.hosts:
@@ -226,24 +222,18 @@ class _HostValidation:
                 "matches the port (9440 is TLS), and that the server is not overloaded",
             ) from exc
         self.client = client
-        info = client.connection.server_info
-        return {
-            "server": str(info.name),
-            "version": ".".join(str(v) for v in info.version_tuple()),
-            "revision": int(info.revision),
-            "timezone": str(info.timezone or ""),
-            "display_name": str(getattr(info, "display_name", "") or ""),
-            "secure": self.cfg.secure,
-        }
+        return {**ServerInfo.of(client.connection).as_dict(), "secure": self.cfg.secure}
+
+    def _refusal(self, exc: BaseException) -> _Failed:
+        advice = refusal_advice(
+            exc, user=self.cfg.user, database=self.cfg.database, host=self.label
+        )
+        return _Failed(advice or describe(exc), advice)
 
     def _authentication(self) -> dict[str, Any]:
         exc = self.hello_error
         if exc is not None and server_code(exc) in AUTH_CODES:
-            raise _Failed(
-                f"authentication failed for user {self.cfg.user!r}: {describe(exc)}",
-                f"authentication failed for user {self.cfg.user!r}: check CLICKHOUSE_USER and "
-                "CLICKHOUSE_PASSWORD, and that the user may connect from this address",
-            )
+            raise self._refusal(exc)
         if exc is not None and server_code(exc) != UNKNOWN_DATABASE:
             raise _Failed(f"the server refused the session: {describe(exc)}")
         return {"user": self.cfg.user}
@@ -251,11 +241,7 @@ class _HostValidation:
     def _database(self) -> dict[str, Any]:
         exc = self.hello_error
         if exc is not None:
-            raise _Failed(
-                f"database {self.cfg.database!r} does not exist: {describe(exc)}",
-                f"database {self.cfg.database!r} does not exist on {self.label}: check "
-                "CLICKHOUSE_DB, or create it",
-            )
+            raise self._refusal(exc)
         return {"database": self.cfg.database}
 
     # -- using it ---------------------------------------------------------------------
@@ -303,7 +289,7 @@ class _HostValidation:
     ) -> None:
         failures, advice = [], []
         for db, name in tables:
-            target = f"{quote_identifier(db)}.{quote_identifier(name)}"
+            target = qualified(db, name)
             try:
                 self._execute(template.format(t=target), data)
             except ServerException as exc:
@@ -321,24 +307,24 @@ class _HostValidation:
             raise _Failed("; ".join(failures), "; ".join(advice))
 
     def _replication(self) -> dict[str, Any]:
-        rows = self._execute(
-            "SELECT database, table, absolute_delay, is_readonly, is_session_expired "
-            "FROM system.replicas"
-        )
-        if not rows:
+        assert self.client is not None
+        replicas = read_replicas(self.client)
+        if not replicas:
             raise _Skipped("no replicated tables (system.replicas is empty)")
-        worst = max(rows, key=lambda r: r[2])
+        limit = self.cfg.max_replica_delay
+        worst = max(replicas, key=lambda r: r.delay)
         detail = {
-            "replicated_tables": len(rows),
-            "max_absolute_delay": int(worst[2]),
-            "worst_table": f"{worst[0]}.{worst[1]}",
+            "replicated_tables": len(replicas),
+            "max_absolute_delay": int(replica_delay(replicas)),
+            "max_replica_delay": limit,
+            "worst_table": worst.table,
         }
-        bad = [r for r in rows if r[3] or r[4] or r[2] > MAX_REPLICATION_DELAY]
+        bad = [r for r in replicas if r.readonly or r.session_expired or is_lagging(r.delay, limit)]
         if bad:
-            names = ", ".join(f"{r[0]}.{r[1]}" for r in bad[:5])
+            names = ", ".join(r.table for r in bad[:5])
             raise _Failed(
                 f"{len(bad)} replicated tables read-only, expired or over "
-                f"{MAX_REPLICATION_DELAY}s behind: {names}",
+                f"max_replica_delay ({limit}s) behind: {names}",
                 "replication is behind or read-only: check ZooKeeper/Keeper connectivity and "
                 "system.replication_queue on this replica",
                 detail,

@@ -4,10 +4,14 @@ Every ``health_check_interval`` it sends ``SELECT 1`` over a pooled connection o
 host under a short timeout. Outcomes go to the breaker as out-of-band probes
 (``record_probe``), never as application failures: while a breaker is open the monitor is
 its half-open trial, so application calls keep failing fast until the monitor has seen the
-server answer. It also sets ``connection_state``, prunes idle connections past their
-recycle time, wakes the spool replayer on recovery and refreshes the analytics
-consistency report on a slower cadence. With ``max_replica_delay`` set, each successful
-probe also reads the host's replication delay, so calls avoid a lagging replica.
+server answer. It reports each round to the connection status (which publishes recovery
+to whoever listens, e.g. the spool replayer), prunes idle connections past their recycle
+time and refreshes the analytics consistency report on a slower cadence. With
+``max_replica_delay`` set, each successful probe also reads the host's replication delay,
+so calls avoid a lagging replica.
+
+It takes the hosts, the connection status and the events, never the manager: it wakes
+when a breaker opens because it listens for :attr:`Event.BREAKER_OPENED`.
 """
 
 from __future__ import annotations
@@ -15,52 +19,55 @@ from __future__ import annotations
 import socket
 import threading
 import time
+from collections.abc import Sequence
 from contextlib import suppress
-from typing import TYPE_CHECKING, Any, Callable
+from typing import Any, Callable
 
 import structlog
+from clickhouse_driver import Client
 
-from ..breaker import CircuitState
+from ..config import Config
+from ..connection import PooledConnection
 from ..errors import ErrorKind, classify, describe
+from ..events import Event, Events
+from ..hosts import HostState
 from ..metrics import utc_iso
+from ..server import read_replica_delay
+from ..state import ConnectionState, ConnectionStatus
 from .common import Report, ReportCache, elapsed_ms
 from .consistency import check_consistency
 from .dependencies import validate_dependencies
-
-if TYPE_CHECKING:
-    from clickhouse_driver import Client
-
-    from ..manager import ClickHouseConnectionManager, HostState
-    from ..pool import PooledConnection
 
 log = structlog.get_logger("chresilient.health")
 
 # How long a caller waits for a report beyond the checks' own timeouts.
 SLACK = 1.0
-# Only absolute_delay is asked for: the server then computes it from its local replication
-# queue without a ZooKeeper round trip (columns such as total_replicas would need one).
-REPLICA_DELAY_QUERY = "SELECT max(absolute_delay) FROM system.replicas"
-
-
-def read_replica_delay(label: str, client: Client) -> float | None:
-    """Largest ``absolute_delay`` of the host's replicated tables (0.0 when it has none)."""
-    rows = client.execute(REPLICA_DELAY_QUERY)
-    return float(rows[0][0]) if rows and rows[0][0] is not None else 0.0
 
 
 class HealthMonitor:
-    """Probes, state, pruning and the cached health reports of one manager."""
+    """Probes, state reports, pruning and the cached health reports of one manager."""
 
-    def __init__(self, mgr: ClickHouseConnectionManager) -> None:
-        cfg = mgr.config
-        self._mgr = mgr
+    def __init__(
+        self,
+        cfg: Config,
+        hosts: Sequence[HostState],
+        status: ConnectionStatus,
+        events: Events,
+        closed: Callable[[], bool],
+    ) -> None:
+        self._cfg = cfg
+        self._hosts = hosts
+        self._status = status
+        self._closed = closed
         self.interval = cfg.pool.health_check_interval
         self.probe_timeout = min(cfg.health_probe_timeout, cfg.retry.timeout_per_attempt)
         self.consistency_interval = cfg.consistency_check_interval
         self.probe = ReportCache(self._probe_all, "chresilient-probe")
-        self.consistency = ReportCache(lambda: check_consistency(mgr), "chresilient-consistency")
+        self.consistency = ReportCache(
+            lambda: check_consistency(cfg, hosts, closed), "chresilient-consistency"
+        )
         self.dependencies = ReportCache(
-            lambda: validate_dependencies(mgr), "chresilient-dependencies"
+            lambda: validate_dependencies(cfg), "chresilient-dependencies"
         )
         self.probes_total = 0
         self.probe_failures_total = 0
@@ -73,6 +80,8 @@ class HealthMonitor:
         # (host label, client) -> seconds; replaceable so tests can fake a lagging replica.
         self.replica_delay_source: Callable[[str, Client], float | None] = read_replica_delay
         self._delay_unreadable: set[str] = set()
+        # From now on it probes for recovery, so application calls need not.
+        events.listen(Event.BREAKER_OPENED, lambda host, **_: self.wake())
 
     # -- BackgroundService --------------------------------------------------------------
     def start(self) -> None:
@@ -83,20 +92,30 @@ class HealthMonitor:
         self._thread.start()
 
     def stop(self, timeout: float) -> None:
-        """Stop the thread; a probe stuck on a frozen server has its socket shut down."""
+        """Stop the thread and the checks it started; a probe stuck on a frozen server
+        has its socket shut down."""
         self._stopping.set()
         self._wake.set()
-        thread = self._thread
-        if thread is None:
-            return
         conn = self._inflight
         sock = None if conn is None else conn.connection.socket
         if sock is not None:
             with suppress(OSError):  # wakes a recv() blocked on a frozen server
                 sock.shutdown(socket.SHUT_RDWR)
-        thread.join(timeout)
-        if thread.is_alive():
-            log.warning("health_monitor_still_running", waited=timeout)
+        ends = time.monotonic() + timeout
+        thread = self._thread
+        if thread is not None:
+            thread.join(timeout)
+            if thread.is_alive():
+                log.warning("health_monitor_still_running", waited=timeout)
+        for cache in (self.probe, self.consistency, self.dependencies):
+            cache.join(ends - time.monotonic())
+
+    def after_fork_in_child(self) -> None:
+        """The parent's thread and checks do not exist here; start() starts new ones."""
+        self._thread = None
+        self._inflight = None
+        for cache in (self.probe, self.consistency, self.dependencies):
+            cache.after_fork_in_child()
 
     @property
     def running(self) -> bool:
@@ -108,7 +127,7 @@ class HealthMonitor:
 
     # -- the loop -----------------------------------------------------------------------
     def _run(self) -> None:
-        delay = 0.0 if self._mgr.connection_state != "healthy" else self.interval
+        delay = 0.0 if self._status.state is not ConnectionState.HEALTHY else self.interval
         while not self._stopping.is_set():
             if self._wake.wait(delay):
                 self._wake.clear()
@@ -127,9 +146,9 @@ class HealthMonitor:
         passed; probing (and so restarting that timer) more often than that keeps the
         discovery of recovery off the application's calls.
         """
-        if all(h.breaker.state is CircuitState.CLOSED for h in self._mgr.hosts):
+        if all(h.breaker.closed for h in self._hosts):
             return self.interval
-        return min(self.interval, self._mgr.config.breaker.recovery_timeout / 2)
+        return min(self.interval, self._cfg.breaker.recovery_timeout / 2)
 
     def tick(self) -> None:
         """One round: probe every host, prune, maybe check analytics consistency."""
@@ -139,7 +158,7 @@ class HealthMonitor:
             if self._stopping.wait(0.02) or time.monotonic() > deadline:
                 return
         report = future.result()
-        for host in self._mgr.hosts:
+        for host in self._hosts:
             pruned = host.pool.prune()
             if pruned:
                 self.pruned_total += pruned
@@ -149,11 +168,11 @@ class HealthMonitor:
 
     def probe_wait(self) -> float:
         """How long a caller may wait for one round of probes."""
-        return self.probe_timeout * len(self._mgr.hosts) + SLACK
+        return self.probe_timeout * len(self._hosts) + SLACK
 
     def report_wait(self) -> float:
         """How long a caller may wait for dependency or consistency checks."""
-        return self.probe_timeout * (6 * len(self._mgr.hosts) + 2) + SLACK
+        return self.probe_timeout * (6 * len(self._hosts) + 2) + SLACK
 
     def probe_max_age(self) -> float:
         """How old a probe report may be before health() asks for a new one."""
@@ -161,8 +180,28 @@ class HealthMonitor:
             return 2 * self.interval + self.probe_timeout
         return min(self.interval, 5.0)
 
+    def current_probe(self) -> Report | None:
+        """The latest probe round, refreshed first when it is stale (shared by callers)."""
+        if self._closed():
+            return self.probe.latest
+        try:
+            return self.probe.get(self.probe_max_age(), self.probe_wait())
+        except TimeoutError:
+            return self.probe.latest
+
+    def snapshot(self) -> Report:
+        """Counters and settings for health() and metrics()."""
+        return {
+            "running": self.running,
+            "interval_seconds": self.interval,
+            "probe_timeout_seconds": self.probe_timeout,
+            "probes_total": self.probes_total,
+            "probe_failures_total": self.probe_failures_total,
+            "pruned_total": self.pruned_total,
+        }
+
     def _consistency_due(self, probe: Report) -> bool:
-        if not self._mgr.config.analytics_tables or self.consistency.running:
+        if not self._cfg.analytics_tables or self.consistency.running:
             return False
         if not any(result["ok"] for result in probe["hosts"].values()):
             return False
@@ -171,21 +210,26 @@ class HealthMonitor:
 
     # -- probing ------------------------------------------------------------------------
     def _probe_all(self) -> Report:
-        mgr = self._mgr
         started = time.perf_counter()
         previous = self.probe.latest
-        was_healthy = mgr.connection_state == "healthy"
         results: dict[str, dict[str, Any]] = {}
-        for host in mgr.hosts:
-            if mgr.closed:
+        for host in self._hosts:
+            if self._closed():
                 break
             before = None if previous is None else previous["hosts"].get(host.label)
             results[host.label] = self._probe_host(host, before)
-        state = self._apply(results, was_healthy)
+        state = self._verdict(results)
+        if self._closed():
+            state = ConnectionState.CLOSED
+        else:
+            errors = {label: r["error"] for label, r in results.items() if not r["ok"]}
+            if errors and state is not self._status.state:
+                log.warning("clickhouse_probes_failed", state=state.value, errors=errors)
+            self._status.probed(state)
         return {
             "checked_at": utc_iso(time.time()),
             "duration_ms": elapsed_ms(started),
-            "state": state,
+            "state": state.value,
             "hosts": results,
         }
 
@@ -215,7 +259,7 @@ class HealthMonitor:
         finally:
             self._inflight = None
         host.breaker.record_probe(True)
-        self._mgr.metrics_registry.success()
+        self._status.answered()
         return {"ok": True, "latency_ms": latency, "error": None, "replica_delay": delay}
 
     def _replica_delay(self, host: HostState, conn: PooledConnection) -> float | None:
@@ -241,37 +285,10 @@ class HealthMonitor:
             )
         return delay
 
-    def _apply(self, results: dict[str, dict[str, Any]], was_healthy: bool) -> str:
-        """Derive ``connection_state`` from the probes; log and act on changes."""
-        mgr = self._mgr
+    def _verdict(self, results: dict[str, dict[str, Any]]) -> ConnectionState:
+        """The connection state a round of probes shows."""
         oks = [r["ok"] for r in results.values()]
         if oks and all(oks):
-            closed = all(h.breaker.state is CircuitState.CLOSED for h in mgr.hosts)
-            state = "healthy" if closed else "degraded"
-        elif any(oks):
-            state = "degraded"
-        else:
-            state = "unhealthy"
-        if mgr.closed:
-            return "closed"
-        previous, mgr.connection_state = mgr.connection_state, state
-        if state == "healthy" and not was_healthy:
-            mgr._mark_success()  # also clears the failure streak app calls left behind
-            log.info("clickhouse_recovered", previous_state=previous)
-            self._wake_spool()
-        elif state != previous:
-            errors = {label: r["error"] for label, r in results.items() if not r["ok"]}
-            log.warning(
-                "clickhouse_health_changed", state=state, previous_state=previous, errors=errors
-            )
-        return state
-
-    def _wake_spool(self) -> None:
-        """Let the spool replayer (if this manager has one) deliver what waited."""
-        spool = self._mgr.spool
-        if spool is None:
-            return
-        try:
-            spool.wake()
-        except Exception as exc:
-            log.warning("spool_wake_failed", error=describe(exc))
+            closed = all(h.breaker.closed for h in self._hosts)
+            return ConnectionState.HEALTHY if closed else ConnectionState.DEGRADED
+        return ConnectionState.DEGRADED if any(oks) else ConnectionState.UNHEALTHY

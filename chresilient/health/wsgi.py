@@ -12,18 +12,15 @@ from __future__ import annotations
 import hmac
 import json
 from collections.abc import Iterable
-from typing import TYPE_CHECKING, Any, Callable
+from typing import Any, Callable, Protocol
 from urllib.parse import parse_qs
 
 import structlog
 
+from ..config import Config
 from ..errors import describe
-from ..prometheus import exposition
+from ..observability.prometheus import exposition
 from .common import Report, SingleFlight, scrub
-from .status import build_health, connection_report
-
-if TYPE_CHECKING:
-    from ..manager import ClickHouseConnectionManager
 
 log = structlog.get_logger("chresilient.health")
 
@@ -45,12 +42,39 @@ _REASONS = {
 }
 
 
+class HealthSource(Protocol):
+    """What the endpoints need: a :class:`ClickHouseConnectionManager` is one."""
+
+    @property
+    def config(self) -> Config: ...
+
+    @property
+    def check_timeout(self) -> float:
+        """How long a request may wait for dependency or consistency checks."""
+
+    def health(self) -> Report: ...
+
+    def connection_report(self) -> Report: ...
+
+    def metrics(self) -> Report: ...
+
+    def validate_service_dependencies(
+        self, timeout: float = ..., max_age: float | None = ...
+    ) -> Report: ...
+
+    def ensure_analytics_consistency(
+        self, timeout: float = ..., max_age: float | None = ...
+    ) -> Report: ...
+
+    def reconnect(self) -> Report: ...
+
+
 class HealthApp:
     """The WSGI callable; see the module docstring and docs/health.md."""
 
     def __init__(
         self,
-        mgr: ClickHouseConnectionManager,
+        mgr: HealthSource,
         reconnect_token: str | None = None,
         show_details: bool = True,
         reconnect_timeout: float = 10.0,
@@ -95,13 +119,13 @@ class HealthApp:
 
     # -- routes ---------------------------------------------------------------------------
     def _health(self, environ: dict[str, Any]) -> Response:
-        report = build_health(self.mgr)
+        report = self.mgr.health()
         if not self.show_details:
             report = {k: report[k] for k in ("status", "timestamp", "connection_state")}
         return _by_status(report["status"]), report, JSON
 
     def _connection(self, environ: dict[str, Any]) -> Response:
-        report = connection_report(self.mgr)
+        report = self.mgr.connection_report()
         if not self.show_details:
             report = {k: report[k] for k in ("status", "connection_state", "checked_at")}
         return _by_status(report["status"]), report, JSON
@@ -117,18 +141,19 @@ class HealthApp:
             return 200, body, content_type
         return 200, self.mgr.metrics(), JSON
 
-    def _cached(self, environ: dict[str, Any], cache: Any, summary: tuple[str, ...]) -> Report:
-        timeout = self.mgr.monitor.report_wait()
-        if _query(environ).get("refresh") in ("1", "true", "yes"):
-            report: Report = cache.refresh(timeout)
-        else:
-            report = cache.get(REPORT_MAX_AGE, timeout)
+    def _cached(
+        self, environ: dict[str, Any], check: Callable[..., Report], summary: tuple[str, ...]
+    ) -> Report:
+        refresh = _query(environ).get("refresh") in ("1", "true", "yes")
+        report = check(self.mgr.check_timeout, max_age=None if refresh else REPORT_MAX_AGE)
         return report if self.show_details else {k: report[k] for k in summary}
 
     def _dependencies(self, environ: dict[str, Any]) -> Response:
         try:
             report = self._cached(
-                environ, self.mgr.monitor.dependencies, ("overall_status", "checked_at")
+                environ,
+                self.mgr.validate_service_dependencies,
+                ("overall_status", "checked_at"),
             )
         except TimeoutError:
             return 504, {"error": "dependency validation is still running"}, JSON
@@ -137,14 +162,16 @@ class HealthApp:
     def _analytics(self, environ: dict[str, Any]) -> Response:
         try:
             report = self._cached(
-                environ, self.mgr.monitor.consistency, ("overall_consistent", "checked_at")
+                environ,
+                self.mgr.ensure_analytics_consistency,
+                ("overall_consistent", "checked_at"),
             )
         except TimeoutError:
             return 504, {"error": "the analytics consistency check is still running"}, JSON
         return (200 if report["overall_consistent"] else 503), report, JSON
 
     def _ready(self, environ: dict[str, Any]) -> Response:
-        health = build_health(self.mgr)
+        health = self.mgr.health()
         ready = health["status"] != "unhealthy"
         body: Report = {"ready": ready, "status": health["status"]}
         if self.show_details and not ready:
@@ -169,7 +196,7 @@ class HealthApp:
 
 
 def health_wsgi_app(
-    mgr: ClickHouseConnectionManager,
+    mgr: HealthSource,
     reconnect_token: str | None = None,
     show_details: bool = True,
     reconnect_timeout: float = 10.0,

@@ -8,8 +8,9 @@ import pytest
 from clickhouse_driver import errors as driver_errors
 
 from chresilient import CircuitOpenError, ClickHouseUnavailableError
-from chresilient.errors import ErrorKind, classify, is_retryable
+from chresilient.errors import ErrorKind, classify
 from chresilient.retry import CallStats, Deadline, RetryBudget, RetryPolicy, call_with_retry
+from chresilient.statement import READ, Statement, is_write_query, query_verb
 
 
 def test_backoff_full_jitter_bounds() -> None:
@@ -64,10 +65,6 @@ def _flaky(failures: list[BaseException], result: str = "ok"):
     return attempt, timeouts
 
 
-def _retry_transport(exc: BaseException) -> bool:
-    return is_retryable(classify(exc))
-
-
 def test_retries_transport_errors_then_succeeds() -> None:
     attempt, timeouts = _flaky([EOFError("eof"), driver_errors.NetworkError("refused")])
     delays: list[float] = []
@@ -75,7 +72,6 @@ def test_retries_transport_errors_then_succeeds() -> None:
     result = call_with_retry(
         attempt,
         policy=RetryPolicy(timeout_per_attempt=2.0),
-        should_retry=_retry_transport,
         sleep=_no_sleep(delays),
         stats=stats,
     )
@@ -92,8 +88,7 @@ def test_deterministic_error_is_raised_after_one_attempt() -> None:
         call_with_retry(
             attempt,
             policy=RetryPolicy(),
-            should_retry=_retry_transport,
-            sleep=_no_sleep([]),
+                sleep=_no_sleep([]),
             stats=stats,
         )
     assert info.value is err
@@ -106,8 +101,7 @@ def test_gives_up_after_max_attempts_with_last_error() -> None:
         call_with_retry(
             attempt,
             policy=RetryPolicy(max_attempts=3),
-            should_retry=_retry_transport,
-            sleep=_no_sleep([]),
+                sleep=_no_sleep([]),
         )
     assert info.value.attempts == 3 and len(timeouts) == 3
     assert isinstance(info.value.last_error, socket.timeout)
@@ -123,8 +117,7 @@ def test_deadline_bounds_attempts_and_waits() -> None:
             policy=RetryPolicy(
                 max_attempts=100, initial_delay=0.01, max_delay=0.02, timeout_per_attempt=5
             ),
-            should_retry=_retry_transport,
-            sleep=lambda s: True,
+                sleep=lambda s: True,
             deadline=Deadline(0.0),
         )
     assert len(timeouts) == 1 and timeouts[0] == pytest.approx(0.001)
@@ -133,7 +126,6 @@ def test_deadline_bounds_attempts_and_waits() -> None:
     call_with_retry(
         attempt,
         policy=RetryPolicy(timeout_per_attempt=50),
-        should_retry=_retry_transport,
         deadline=Deadline(3.0),
     )
     assert 2.5 < timeouts[0] <= 3.0
@@ -147,8 +139,7 @@ def test_budget_stops_retries() -> None:
         call_with_retry(
             attempt,
             policy=RetryPolicy(max_attempts=10),
-            should_retry=_retry_transport,
-            budget=budget,
+                budget=budget,
             sleep=_no_sleep([]),
         )
 
@@ -157,7 +148,7 @@ def test_circuit_open_is_never_retried() -> None:
     attempt, timeouts = _flaky([CircuitOpenError("h", 1.0)] * 3)
     with pytest.raises(CircuitOpenError):
         call_with_retry(
-            attempt, policy=RetryPolicy(), should_retry=lambda e: True, sleep=_no_sleep([])
+            attempt, policy=RetryPolicy(), sleep=_no_sleep([])
         )
     assert len(timeouts) == 1
 
@@ -166,7 +157,7 @@ def test_interrupted_sleep_abandons_the_call() -> None:
     attempt, timeouts = _flaky([EOFError()] * 3)
     with pytest.raises(ClickHouseUnavailableError, match="closing"):
         call_with_retry(
-            attempt, policy=RetryPolicy(), should_retry=_retry_transport, sleep=lambda s: False
+            attempt, policy=RetryPolicy(), sleep=lambda s: False
         )
     assert len(timeouts) == 1
 
@@ -195,11 +186,30 @@ def test_classify_table(exc: BaseException, kind: ErrorKind) -> None:
 
 
 def test_insert_retry_needs_dedup() -> None:
-    assert is_retryable(ErrorKind.TRANSPORT)
-    assert not is_retryable(ErrorKind.TRANSPORT, is_write=True)
-    assert is_retryable(ErrorKind.TRANSPORT, is_write=True, deduplicated=True)
-    assert not is_retryable(ErrorKind.DETERMINISTIC)
-    assert not is_retryable(ErrorKind.AUTH)
+    policy, reset = RetryPolicy(), ConnectionResetError("reset")
+    assert policy.is_retry(reset, READ)
+    assert not policy.is_retry(reset, Statement(is_write=True))
+    assert policy.is_retry(reset, Statement(is_write=True, deduplicated=True))
+    assert not policy.is_retry(reset, Statement(is_write=False, replayable=False))
+    assert not policy.is_retry(driver_errors.ServerException("syntax", code=62), READ)
+    assert not policy.is_retry(driver_errors.ServerException("auth", code=516), READ)
+
+
+def test_statement_of_a_call() -> None:
+    assert Statement.of("SELECT 1") == READ
+    assert Statement.of("INSERT INTO t VALUES", [(1,)]).is_write
+    token = {"insert_deduplication_token": "b1"}
+    asked: list[bool] = []
+
+    def supported() -> bool:
+        asked.append(True)
+        return True
+
+    assert Statement.of("INSERT INTO t VALUES", [(1,)], token, supported).deduplicated
+    assert not Statement.of("INSERT INTO t VALUES", [(1,)], token).deduplicated
+    assert not Statement.of("SELECT 1", None, token, supported).deduplicated
+    assert len(asked) == 1  # only a write with a token asks the server's features
+    assert not Statement.of("INSERT INTO t VALUES", iter([(1,)])).replayable
 
 
 @pytest.mark.parametrize(
@@ -221,8 +231,6 @@ def test_insert_retry_needs_dedup() -> None:
     ],
 )
 def test_only_known_reads_are_repeatable(query: str, verb: str, write: bool) -> None:
-    from chresilient.manager import is_write_query, query_verb
-
     assert query_verb(query) == verb
     assert is_write_query(query, None) is write
     assert is_write_query("SELECT 1", [(1,)]) is True  # list params are INSERT data
@@ -233,5 +241,6 @@ def test_only_known_reads_are_repeatable(query: str, verb: str, write: bool) -> 
 )
 def test_writes_repeat_only_what_the_server_refused_up_front(code: int, repeat: bool) -> None:
     exc = driver_errors.ServerException("x", code=code)
-    assert is_retryable(classify(exc), is_write=True, code=code) is repeat
-    assert is_retryable(classify(exc), is_write=True, deduplicated=True, code=code)
+    policy = RetryPolicy()
+    assert policy.is_retry(exc, Statement(is_write=True)) is repeat
+    assert policy.is_retry(exc, Statement(is_write=True, deduplicated=True))

@@ -17,7 +17,7 @@ from helpers import make_config
 
 from chresilient import AnalyticsTable, ClickHouseConnectionManager, Config, ConfigError
 from chresilient.health.consistency import normalize_type
-from chresilient.ingest import quote_identifier
+from chresilient.statement import quote_identifier
 
 
 @pytest.fixture(autouse=True)

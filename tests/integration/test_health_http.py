@@ -173,10 +173,10 @@ def test_reconnect_needs_the_bearer_token(mgr: Any) -> None:
         assert missing.status == 401 and missing.headers["WWW-Authenticate"] == "Bearer"
         wrong = call(endpoint, method="POST", headers={"Authorization": "Bearer nope"})
         assert wrong.status == 401
-        old_pool = mgr.hosts[0].pool._pool
+        old_pool = mgr.hosts[0].pool.queue_pool
         ok = call(endpoint, method="POST", headers={"Authorization": f"Bearer {TOKEN}"})
         assert ok.status == 200 and ok.json()["reconnected"] is True
-        assert mgr.hosts[0].pool._pool is not old_pool  # a fresh pool
+        assert mgr.hosts[0].pool.queue_pool is not old_pool  # a fresh pool
         # Concurrent requests share one reconnect (single flight).
         replies: list[Any] = []
         threads = [

@@ -23,18 +23,19 @@ from typing import Any
 
 import pytest
 import pytz
-from helpers import make_config
 
 from chresilient import (
+    CircuitBreakerConfig,
     ClickHouseConnectionManager,
     Config,
     ConfigError,
     InvalidBatchError,
+    RetryConfig,
     SpoolFullError,
 )
-from chresilient.codec import SpoolEncodeError, decode_rows, encode_rows
-from chresilient.ingest import quote_identifier, quote_table
 from chresilient.spool import SpoolStore
+from chresilient.spool.codec import SpoolEncodeError, decode_rows, encode_rows
+from chresilient.statement import quote_identifier, quote_table
 
 
 class Color(enum.Enum):
@@ -380,9 +381,16 @@ def _refusing_config(tmp_path: Path, **changes: Any) -> Config:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    spool_dir = tmp_path / "spool"
-    server = type("Refusing", (), {"host": "127.0.0.1", "port": port})()
-    return make_config(server, spool_dir=str(spool_dir), **changes)
+    return Config(
+        host="127.0.0.1",
+        port=port,
+        retry=RetryConfig(
+            initial_delay=0.02, max_delay=0.2, timeout_per_attempt=3.0, total_timeout=20.0
+        ),
+        breaker=CircuitBreakerConfig(failure_threshold=5, recovery_timeout=1.0),
+        spool_dir=str(tmp_path / "spool"),
+        **changes,
+    )
 
 
 def test_fork_safe_store_reopens_in_child(tmp_path: Path) -> None:
@@ -407,7 +415,7 @@ def test_unwritable_spool_at_outage_raises_a_named_spool_error(
 
     from clickhouse_driver.errors import Error as DriverError
 
-    import chresilient.spool as spool_module
+    import chresilient.spool.sqlite as spool_module
     from chresilient import SpoolError
 
     monkeypatch.setattr(spool_module, "BUSY_TIMEOUT", 0.2)  # don't wait 10 s for the lock

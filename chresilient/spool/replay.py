@@ -1,4 +1,4 @@
-"""Replaying the spool: a background thread and the ``Spool`` object callers see.
+"""Replaying the spool: the background thread that delivers stored batches.
 
 A replay *pass* holds the target's replay lock (one replayer per spool directory and
 target at a time, so N gunicorn workers do not all hammer a recovering server), then
@@ -21,8 +21,7 @@ from typing import Any
 import structlog
 from clickhouse_driver import errors as driver_errors
 
-from .codec import SpoolDecodeError
-from .errors import (
+from ..errors import (
     CircuitOpenError,
     ClickHouseUnavailableError,
     ClientClosedError,
@@ -30,8 +29,10 @@ from .errors import (
     classify,
     describe,
 )
-from .metrics import Metrics, utc_iso
-from .spool import SpooledBatch, SpoolStore, SpoolTotals
+from ..metrics import Metrics
+from .codec import SpoolDecodeError
+from .records import SpooledBatch
+from .store import SpoolStore
 
 log = structlog.get_logger("chresilient.spool")
 
@@ -120,6 +121,11 @@ class SpoolReplayer:
     @property
     def running(self) -> bool:
         return self._thread is not None and self._thread.is_alive()
+
+    def after_fork_in_child(self) -> None:
+        """The parent's thread does not exist here; start() starts a new one."""
+        self._lock = threading.Lock()
+        self._thread = None
 
     def wake(self) -> None:
         """Replay now (the health monitor calls this when ClickHouse recovers)."""
@@ -292,81 +298,3 @@ def _table_specific(err: ClickHouseUnavailableError) -> bool:
     return not isinstance(err, CircuitOpenError) and isinstance(
         err.last_error, driver_errors.ServerException
     )
-
-
-class Spool:
-    """The insert spool of one manager: ``mgr.spool``.
-
-    ``status()``, ``replay(limit)``, ``purge(confirm=True)`` are the API the CLI uses;
-    ``wake()`` is for the health monitor; ``health()`` is the section ``health()`` shows.
-    """
-
-    def __init__(
-        self,
-        store: SpoolStore,
-        replayer: SpoolReplayer,
-        guarantee: Callable[[], str],
-    ) -> None:
-        self.store = store
-        self.replayer = replayer
-        self._guarantee = guarantee
-
-    @property
-    def directory(self) -> str:
-        return self.store.directory
-
-    def pending(self) -> SpoolTotals:
-        """Undelivered batches of this target (set-aside ones excluded)."""
-        return self.store.totals()
-
-    def status(self) -> dict[str, Any]:
-        """Everything about the spool, without any row contents."""
-        out = self.store.status()
-        out.update(self._replay_state())
-        return out
-
-    def health(self) -> dict[str, Any]:
-        """The spool section of ``mgr.health()``: cheap (two small index scans)."""
-        pending = self.store.totals()
-        failed = self.store.totals(state=1)
-        used = self.store.totals(all_targets=True)
-        return {
-            "pending_batches": pending.batches,
-            "pending_rows": pending.rows,
-            "pending_bytes": pending.bytes,
-            "failed_batches": failed.batches,
-            "used_bytes": used.bytes,
-            "max_bytes": self.store.max_bytes,
-            "full_policy": self.store.full_policy,
-            "directory": self.store.directory,
-            **self._replay_state(),
-        }
-
-    def _replay_state(self) -> dict[str, Any]:
-        r = self.replayer
-        return {
-            "delivery_guarantee": self._guarantee(),
-            "replayer_running": r.running,
-            "last_replay_error": r.last_error,
-            "last_replay_error_at": utc_iso(r.last_error_wall),
-            "last_replay_delivery_at": utc_iso(r.last_delivery_wall),
-        }
-
-    def replay(self, limit: int | None = None) -> ReplayReport:
-        """Replay now, in this thread (the CLI's ``spool replay``)."""
-        return self.replayer.replay(limit)
-
-    def purge(self, confirm: bool = False, *, failed_only: bool = False) -> SpoolTotals:
-        """Delete undelivered batches of this target; ``confirm=True`` is required."""
-        return self.store.purge(confirm=confirm, failed_only=failed_only)
-
-    def requeue_failed(self) -> int:
-        """Retry set-aside batches (after fixing the table they were rejected by)."""
-        count = self.store.requeue_failed()
-        if count:
-            self.wake()
-        return count
-
-    def wake(self) -> None:
-        self.replayer.wake()
-

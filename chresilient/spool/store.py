@@ -8,7 +8,7 @@ readers never block writers. A directory of one file per batch would need the sa
 fsync/rename dance plus a hand-made index for ordering and size accounting.
 
 Each batch is one row: table, column names, insert settings, a stable ``batch_id`` (the
-dedup token on replay), the rows encoded by :mod:`chresilient.codec`, and a *lease*
+dedup token on replay), the rows encoded by :mod:`chresilient.spool.codec`, and a *lease*
 (owner, expiry) written inside ``BEGIN IMMEDIATE`` when a replayer claims it. Replayers
 of one target also take an exclusive ``flock`` on a lock file for the length of a replay
 pass: the kernel drops it the moment its holder dies, so a new replayer may take over a
@@ -18,143 +18,38 @@ dead owner's lease at once instead of waiting for it to expire.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import hashlib
 import os
-import socket
 import sqlite3
 import threading
 import time
-import uuid
-import weakref
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
 from typing import Any
 
 import structlog
 
+from .. import fork
+from ..errors import ConfigError, SpoolFullError
 from . import codec
-from .errors import ConfigError, SpoolFullError
+from .records import (
+    BATCH_COLUMNS,
+    BatchState,
+    PutResult,
+    SpooledBatch,
+    SpoolTotals,
+    batch_from_row,
+)
+from .sqlite import connect, exclusive_flock, is_disk_full, open_database, owner_id
+
+PENDING, SET_ASIDE = BatchState.PENDING, BatchState.SET_ASIDE
 
 log = structlog.get_logger("chresilient.spool")
 
 DB_NAME = "spool.sqlite3"
-SCHEMA_VERSION = 1
 # Bytes counted per batch on top of its payload: the row's own SQLite overhead.
 BATCH_OVERHEAD = 128
 # Longest single wait while the 'block' policy waits for space.
 BLOCK_STEP = 0.25
-# SQLite waits this long for another process's write lock before giving up.
-BUSY_TIMEOUT = 10.0
-
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS batches (
-    seq INTEGER PRIMARY KEY AUTOINCREMENT,
-    batch_id TEXT NOT NULL,
-    target TEXT NOT NULL,
-    tbl TEXT NOT NULL,
-    columns TEXT,
-    settings TEXT,
-    codec INTEGER NOT NULL,
-    nrows INTEGER NOT NULL,
-    nbytes INTEGER NOT NULL,
-    created REAL NOT NULL,
-    state INTEGER NOT NULL DEFAULT 0,
-    attempts INTEGER NOT NULL DEFAULT 0,
-    last_error TEXT,
-    lease_owner TEXT,
-    lease_until REAL NOT NULL DEFAULT 0,
-    payload BLOB NOT NULL
-);
-CREATE INDEX IF NOT EXISTS batches_order ON batches (target, state, seq);
-CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
-
--- Running totals, kept by triggers in the same transaction as every change: the size
--- check of each put() and the metrics gauges cost one tiny read, not a scan.
-CREATE TABLE IF NOT EXISTS totals (
-    target TEXT NOT NULL,
-    state INTEGER NOT NULL,
-    batches INTEGER NOT NULL,
-    nrows INTEGER NOT NULL,
-    nbytes INTEGER NOT NULL,
-    PRIMARY KEY (target, state)
-);
-CREATE TRIGGER IF NOT EXISTS batches_added AFTER INSERT ON batches BEGIN
-    INSERT INTO totals (target, state, batches, nrows, nbytes)
-    VALUES (NEW.target, NEW.state, 1, NEW.nrows, NEW.nbytes)
-    ON CONFLICT (target, state) DO UPDATE SET batches = batches + 1,
-        nrows = nrows + excluded.nrows, nbytes = nbytes + excluded.nbytes;
-END;
-CREATE TRIGGER IF NOT EXISTS batches_removed AFTER DELETE ON batches BEGIN
-    UPDATE totals SET batches = batches - 1, nrows = nrows - OLD.nrows,
-        nbytes = nbytes - OLD.nbytes
-    WHERE target = OLD.target AND state = OLD.state;
-END;
-CREATE TRIGGER IF NOT EXISTS batches_moved AFTER UPDATE OF state ON batches
-WHEN OLD.state != NEW.state BEGIN
-    UPDATE totals SET batches = batches - 1, nrows = nrows - OLD.nrows,
-        nbytes = nbytes - OLD.nbytes
-    WHERE target = OLD.target AND state = OLD.state;
-    INSERT INTO totals (target, state, batches, nrows, nbytes)
-    VALUES (NEW.target, NEW.state, 1, NEW.nrows, NEW.nbytes)
-    ON CONFLICT (target, state) DO UPDATE SET batches = batches + 1,
-        nrows = nrows + excluded.nrows, nbytes = nbytes + excluded.nbytes;
-END;
-"""
-
-PENDING = 0
-FAILED = 1  # set aside: the server rejected it for good (e.g. the table is gone)
-
-_BATCH_COLUMNS = (
-    "seq, batch_id, tbl, columns, settings, codec, nrows, nbytes, created, attempts, "
-    "last_error, payload"
-)
-
-
-@dataclass(frozen=True)
-class SpooledBatch:
-    """One claimed batch, as stored."""
-
-    seq: int
-    batch_id: str
-    table: str
-    columns: tuple[str, ...] | None
-    settings: dict[str, Any] | None
-    codec: int
-    rows: int
-    size: int
-    created: float
-    attempts: int
-    last_error: str | None
-    payload: bytes = field(repr=False)
-
-    def decode_rows(self) -> list[tuple[Any, ...]]:
-        return codec.decode_rows(self.payload, self.codec)
-
-
-@dataclass(frozen=True)
-class PutResult:
-    """What storing one batch cost: its size and what ``drop_oldest`` evicted for it."""
-
-    bytes: int
-    dropped_batches: int = 0
-    dropped_rows: int = 0
-
-
-@dataclass(frozen=True)
-class SpoolTotals:
-    batches: int
-    rows: int
-    bytes: int
-
-
-def _sqlite_full(err: sqlite3.Error) -> bool:
-    code = getattr(err, "sqlite_errorcode", None)
-    return code == getattr(sqlite3, "SQLITE_FULL", 13) or "full" in str(err).lower()
-
-
-def _owner_id() -> str:
-    return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
 
 
 class SpoolStore:
@@ -184,7 +79,7 @@ class SpoolStore:
             self.directory, f"replay-{hashlib.sha1(target.encode()).hexdigest()[:12]}.lock"
         )
         self._reset()
-        _STORES.add(self)
+        fork.register(self)
         self._open_checked()
 
     def _reset(self) -> None:
@@ -194,7 +89,10 @@ class SpoolStore:
         self._read_lock = threading.Lock()  # the reader: gauges never queue behind a write
         self._conn: sqlite3.Connection | None = None
         self._reader: sqlite3.Connection | None = None
-        self.owner = _owner_id()
+        self.owner = owner_id()
+
+    def after_fork_in_child(self) -> None:
+        self._reset()
 
     # -- connection -------------------------------------------------------------------
     def _open_checked(self) -> None:
@@ -222,66 +120,18 @@ class SpoolStore:
                 "spool_dir", f"cannot write the spool in {self.directory!r}: {err}; {hint}"
             ) from None
 
-    def _connect(self) -> sqlite3.Connection:
-        conn = sqlite3.connect(
-            self.path, timeout=BUSY_TIMEOUT, isolation_level=None, check_same_thread=False
-        )
-        try:
-            # auto_vacuum only takes effect before the first table exists.
-            conn.execute("PRAGMA auto_vacuum = INCREMENTAL")
-            mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
-            if str(mode).lower() != "wal":
-                raise sqlite3.OperationalError(f"cannot switch to WAL mode (got {mode!r})")
-            conn.execute("PRAGMA synchronous = FULL")
-            conn.executescript(_SCHEMA)
-            conn.execute(
-                "INSERT OR IGNORE INTO meta (key, value) VALUES ('schema_version', ?)",
-                (str(SCHEMA_VERSION),),
-            )
-            (version,) = conn.execute(
-                "SELECT value FROM meta WHERE key = 'schema_version'"
-            ).fetchone()
-            if int(version) > SCHEMA_VERSION:
-                raise sqlite3.DatabaseError(
-                    f"spool schema {version} is newer than this release understands"
-                )
-            self._build_totals(conn)
-        except BaseException:
-            conn.close()
-            raise
-        return conn
-
-    @staticmethod
-    def _build_totals(conn: sqlite3.Connection) -> None:
-        """Fill ``totals`` once for a spool written before the triggers existed."""
-        conn.execute("BEGIN IMMEDIATE")
-        try:
-            if conn.execute("SELECT 1 FROM meta WHERE key = 'totals_built'").fetchone() is None:
-                conn.execute("DELETE FROM totals")
-                conn.execute(
-                    "INSERT INTO totals SELECT target, state, count(*), total(nrows), "
-                    "total(nbytes) FROM batches GROUP BY target, state"
-                )
-                conn.execute("INSERT INTO meta (key, value) VALUES ('totals_built', '1')")
-        except BaseException:
-            conn.execute("ROLLBACK")
-            raise
-        conn.execute("COMMIT")
-
     @contextlib.contextmanager
     def _locked(self) -> Iterator[sqlite3.Connection]:
         with self._lock:
             if self._conn is None:
-                self._conn = self._connect()
+                self._conn = open_database(self.path)
             yield self._conn
 
     @contextlib.contextmanager
     def _reading(self) -> Iterator[sqlite3.Connection]:
         with self._read_lock:
             if self._reader is None:  # the schema exists: __init__ opened the writer
-                self._reader = sqlite3.connect(
-                    self.path, timeout=BUSY_TIMEOUT, isolation_level=None, check_same_thread=False
-                )
+                self._reader = connect(self.path)
             yield self._reader
 
     @contextlib.contextmanager
@@ -339,7 +189,7 @@ class SpoolStore:
             try:
                 result = self._put_once(record, payload)
             except sqlite3.Error as err:
-                if _sqlite_full(err):
+                if is_disk_full(err):
                     raise SpoolFullError(
                         f"the disk holding the spool {self.directory!r} is full: {err}"
                     ) from err
@@ -420,8 +270,8 @@ class SpoolStore:
             chosen = None
             cur = conn.execute(
                 "SELECT seq, tbl, lease_owner, lease_until FROM batches "
-                "WHERE target = ? AND state = 0 ORDER BY seq",
-                (self.target,),
+                "WHERE target = ? AND state = ? ORDER BY seq",
+                (self.target, PENDING),
             )
             try:
                 # Usually the very first row: the oldest batch is the head of its table.
@@ -448,9 +298,9 @@ class SpoolStore:
                 (self.owner, now + lease_seconds, chosen),
             )
             row = conn.execute(
-                f"SELECT {_BATCH_COLUMNS} FROM batches WHERE seq = ?", (chosen,)
+                f"SELECT {BATCH_COLUMNS} FROM batches WHERE seq = ?", (chosen,)
             ).fetchone()
-        return _batch(row)
+        return batch_from_row(row)
 
     def ack(self, batch: SpooledBatch) -> bool:
         """Delete a delivered batch; False if another owner had taken it over meanwhile."""
@@ -473,43 +323,29 @@ class SpoolStore:
         """Mark a batch the server rejected for good; it stays until purged or requeued."""
         with self._transaction() as conn:
             conn.execute(
-                "UPDATE batches SET state = 1, lease_owner = NULL, lease_until = 0, "
+                "UPDATE batches SET state = ?, lease_owner = NULL, lease_until = 0, "
                 "last_error = ? WHERE seq = ? AND lease_owner = ?",
-                (error, batch.seq, self.owner),
+                (SET_ASIDE, error, batch.seq, self.owner),
             )
 
     def requeue_failed(self) -> int:
         """Put set-aside batches of this target back in the queue (e.g. after a fix)."""
         with self._transaction() as conn:
             cur = conn.execute(
-                "UPDATE batches SET state = 0 WHERE target = ? AND state = 1", (self.target,)
+                "UPDATE batches SET state = ? WHERE target = ? AND state = ?",
+                (PENDING, self.target, SET_ASIDE),
             )
             return cur.rowcount
 
-    @contextlib.contextmanager
-    def replay_lock(self) -> Iterator[bool | None]:
+    def replay_lock(self) -> contextlib.AbstractContextManager[bool | None]:
         """Hold this target's replay lock: True if held, False if another replayer has it,
         None if the file system has no ``flock`` (then only leases protect batches)."""
-        fd = os.open(self._lock_path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                yield False
-                return
-            except OSError:
-                yield None
-                return
-            yield True
-        finally:
-            # Unlock explicitly: a child forked meanwhile shares the open file description,
-            # and closing only our descriptor would leave the lock held until it exits.
-            with contextlib.suppress(OSError):
-                fcntl.flock(fd, fcntl.LOCK_UN)
-            os.close(fd)
+        return exclusive_flock(self._lock_path)
 
     # -- reading and housekeeping -------------------------------------------------------------
-    def totals(self, *, all_targets: bool = False, state: int = PENDING) -> SpoolTotals:
+    def totals(
+        self, *, all_targets: bool = False, state: BatchState = PENDING
+    ) -> SpoolTotals:
         """Batches, rows and bytes of this target in ``state`` (or of the whole spool)."""
         query = "SELECT total(batches), total(nrows), total(nbytes) FROM totals"
         with self._reading() as conn:
@@ -517,7 +353,7 @@ class SpoolStore:
                 row = conn.execute(query).fetchone()
             else:
                 row = conn.execute(
-                    query + " WHERE target = ? AND state = ?", (self.target, state)
+                    query + " WHERE target = ? AND state = ?", (self.target, int(state))
                 ).fetchone()
         return SpoolTotals(int(row[0]), int(row[1]), int(row[2]))
 
@@ -584,13 +420,14 @@ class SpoolStore:
         """Delete this target's batches (all, or only the set-aside ones). Needs ``confirm``."""
         if confirm is not True:
             raise ValueError("purge deletes undelivered rows; call purge(confirm=True)")
-        where = "target = ?" + (" AND state = 1" if failed_only else "")
+        where = "target = ?" + (" AND state = ?" if failed_only else "")
+        params: tuple[Any, ...] = (self.target, SET_ASIDE) if failed_only else (self.target,)
         with self._transaction() as conn:
             row = conn.execute(
                 f"SELECT count(*), total(nrows), total(nbytes) FROM batches WHERE {where}",
-                (self.target,),
+                params,
             ).fetchone()
-            conn.execute(f"DELETE FROM batches WHERE {where}", (self.target,))
+            conn.execute(f"DELETE FROM batches WHERE {where}", params)
         purged = SpoolTotals(int(row[0]), int(row[1]), int(row[2]))
         log.warning("spool_purged", batches=purged.batches, rows=purged.rows, target=self.target)
         self.compact()
@@ -605,33 +442,3 @@ class SpoolStore:
             conn.execute("PRAGMA incremental_vacuum")
             with contextlib.suppress(sqlite3.OperationalError):  # busy readers: next time
                 conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
-
-
-def _batch(row: Sequence[Any]) -> SpooledBatch:
-    (seq, batch_id, tbl, cols, sets, version, nrows, nbytes, created, attempts, err, payload) = row
-    return SpooledBatch(
-        seq=seq,
-        batch_id=batch_id,
-        table=tbl,
-        columns=None if cols is None else tuple(codec.decode_json(cols)),
-        settings=None if sets is None else dict(codec.decode_json(sets)),
-        codec=version,
-        rows=nrows,
-        size=nbytes,
-        created=created,
-        attempts=attempts,
-        last_error=err,
-        payload=bytes(payload),
-    )
-
-
-# Every live store, so a forked child can drop its parent's connections and locks.
-_STORES: weakref.WeakSet[SpoolStore] = weakref.WeakSet()
-
-
-def _after_fork_in_child() -> None:
-    for store in list(_STORES):
-        store._reset()
-
-
-os.register_at_fork(after_in_child=_after_fork_in_child)

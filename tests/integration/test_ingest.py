@@ -36,7 +36,7 @@ from chresilient import (
     RetryConfig,
 )
 
-ROOT = str(Path(__file__).resolve().parent.parent)
+ROOT = str(Path(__file__).resolve().parents[2])
 
 
 def _table(prefix: str) -> str:

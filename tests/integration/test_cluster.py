@@ -29,10 +29,11 @@ from chresilient import (
     RetryConfig,
 )
 from chresilient.breaker import CircuitState
-from chresilient.health.monitor import read_replica_delay
-from chresilient.manager import HostState
+from chresilient.hosts import HostState
 from chresilient.prometheus import exposition
 from chresilient.retry import FAILOVER_MAX_DELAY, RetryPolicy, call_with_retry
+from chresilient.server import read_replica_delay
+from chresilient.statement import Statement
 from chresilient.testing.server import LocalClickHouse
 
 INTERVAL = 0.4  # health_check_interval of the failover tests
@@ -156,7 +157,15 @@ def test_max_replica_delay_config_and_env() -> None:
         Config(max_replica_delay=-5)
 
 
-# -- pure logic: host order, lag, failover delay -------------------------------------------
+# -- host order, lag, failover delay on real host states ------------------------------------
+def order(mgr: ClickHouseConnectionManager, tried: list[HostState]) -> list[HostState]:
+    return list(mgr.executor.selector.failover_order(mgr.hosts, tried))
+
+
+def untried_left(mgr: ClickHouseConnectionManager, tried: list[HostState]) -> bool:
+    return mgr.executor.selector.untried_left(mgr.hosts, tried)
+
+
 def offline_manager(**changes: Any) -> ClickHouseConnectionManager:
     """A manager over three addresses nobody listens on; it never connects."""
     fake = SimpleNamespace(host="127.0.0.1", port=9)
@@ -169,16 +178,16 @@ def test_retries_prefer_hosts_the_call_has_not_tried() -> None:
     mgr = offline_manager()
     try:
         a, b, c = mgr.hosts
-        assert list(mgr._failover_order([])) == [a, b, c]
-        assert list(mgr._failover_order([a])) == [b, c, a]
-        assert list(mgr._failover_order([a, b])) == [c, a, b]
-        assert list(mgr._failover_order([a, b, c])) == [a, b, c]
-        assert list(mgr._failover_order([a, b, c, a])) == [b, c, a]
-        assert mgr._untried_host_left([a, b])
-        assert not mgr._untried_host_left([a, b, c])
+        assert order(mgr, []) == [a, b, c]
+        assert order(mgr, [a]) == [b, c, a]
+        assert order(mgr, [a, b]) == [c, a, b]
+        assert order(mgr, [a, b, c]) == [a, b, c]
+        assert order(mgr, [a, b, c, a]) == [b, c, a]
+        assert untried_left(mgr, [a, b])
+        assert not untried_left(mgr, [a, b, c])
         c.breaker.force_open()
-        assert not mgr._untried_host_left([a, b])  # c would refuse the call anyway
-        assert mgr._choose_host([a])[0] is b
+        assert not untried_left(mgr, [a, b])  # c would refuse the call anyway
+        assert mgr.executor.choose([a])[0] is b
     finally:
         mgr.close()
 
@@ -190,11 +199,11 @@ def test_lagging_replica_goes_last_unless_all_lag() -> None:
         limit = mgr.config.max_replica_delay
         assert b.set_replica_delay(1000.0, limit) is True  # changed: now lagging
         assert b.set_replica_delay(900.0, limit) is False  # still lagging
-        assert list(mgr._failover_order([])) == [a, c, b]
-        assert list(mgr._failover_order([a])) == [c, b, a]  # untried beats lag-free
+        assert order(mgr, []) == [a, c, b]
+        assert order(mgr, [a]) == [c, b, a]  # untried beats lag-free
         for host in (a, c):
             host.set_replica_delay(500.0, limit)
-        assert list(mgr._failover_order([])) == [a, b, c]  # all lag: strategy order
+        assert order(mgr, []) == [a, b, c]  # all lag: strategy order
         a.set_replica_delay(0.0, limit)
         c.set_replica_delay(300.0, limit)  # at the limit is not over it
         assert b.set_replica_delay(None, limit) is True  # unreadable: not avoided
@@ -225,7 +234,6 @@ def _waits_before_retry(fresh_host: bool) -> list[float]:
     result = call_with_retry(
         attempt,
         policy=policy,
-        should_retry=lambda exc: True,
         sleep=sleep,
         failover=lambda: fresh_host,
     )
@@ -407,12 +415,9 @@ def test_insert_fails_over_only_when_deduplicated(cluster: list[LocalClickHouse]
         assert secondary.queries_total == 0
         # The same insert with a working dedup token may be repeated, and goes elsewhere.
         # (18.16 lacks the setting, so the routing is driven directly.)
-        result = mgr._call(
+        result = mgr.executor.call(
             lambda conn: conn.client.execute("INSERT INTO t VALUES", [(2,)]),
-            is_write=True,
-            replayable=True,
-            deduplicated=True,
-            what="insert",
+            Statement(is_write=True, deduplicated=True, what="insert"),
         )
         assert result == 1
         assert secondary.queries_total == 1

@@ -47,7 +47,7 @@ from chresilient import (
 from chresilient.prometheus import exposition
 from chresilient.testing.faultproxy import FaultProxy
 
-ROOT = str(Path(__file__).resolve().parent.parent)
+ROOT = str(Path(__file__).resolve().parents[2])
 BASE = "/health/clickhouse"
 TOKEN = "reconnect-token-for-tests"
 ROUTES = ("", "/connection", "/metrics", "/metrics?format=prometheus", "/ready", "/nope")

@@ -29,7 +29,7 @@ from helpers import (
 from chresilient.testing.faultproxy import FaultProxy
 from chresilient.testing.server import LocalClickHouse
 
-_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 _FAULT_FIXTURES = frozenset({"clickhouse_server", "fault_proxy"})
 
 

@@ -1,0 +1,193 @@
+"""Parsing and validating configuration values: hosts, ports, numbers, booleans, URLs.
+
+Every function raises :class:`ConfigError` naming the field; none echoes a password.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable
+from urllib.parse import parse_qsl, unquote
+
+from .errors import ConfigError
+
+HostPort = tuple[str, int]
+
+
+def check(cond: bool, name: str, problem: str) -> None:
+    if not cond:
+        raise ConfigError(name, problem)
+
+
+def positive(value: float, name: str, *, allow_zero: bool = False) -> None:
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    ok = ok and (value >= 0 if allow_zero else value > 0)
+    check(
+        ok, name, f"must be a {'non-negative' if allow_zero else 'positive'} number, got {value!r}"
+    )
+
+
+def whole(value: int, name: str, minimum: int) -> None:
+    ok = isinstance(value, int) and not isinstance(value, bool) and value >= minimum
+    check(ok, name, f"must be an integer >= {minimum}, got {value!r}")
+
+
+def parse_host_port(text: str, name: str, default_port: int) -> HostPort:
+    text = text.strip()
+    check(bool(text), name, "empty host")
+    if text.startswith("["):  # [::1]:9000
+        host, sep, rest = text[1:].partition("]")
+        check(bool(sep) and bool(host), name, f"malformed IPv6 host {text!r}")
+        port_text = rest[1:] if rest.startswith(":") else ""
+        check(rest == "" or rest.startswith(":"), name, f"malformed host {text!r}")
+    elif text.count(":") == 1:
+        host, port_text = text.split(":")
+    else:
+        host, port_text = text, ""
+    valid_host(host, name)
+    port = parse_int(port_text, name) if port_text else default_port
+    valid_port(port, name)
+    return host, port
+
+
+def valid_host(host: object, name: str) -> None:
+    ok = isinstance(host, str) and bool(host)
+    ok = ok and not any(c.isspace() or c in "/@?#,[]" for c in str(host))
+    check(ok, name, f"bad host {host!r}")
+
+
+def valid_port(port: object, name: str) -> None:
+    ok = isinstance(port, int) and not isinstance(port, bool) and 0 < port < 65536
+    check(ok, name, f"port must be an integer 1-65535, got {port!r}")
+
+
+def parse_int(text: str, name: str) -> int:
+    try:
+        return int(text.strip())
+    except ValueError:
+        raise ConfigError(name, f"expected an integer, got {text!r}") from None
+
+
+def parse_float(text: str, name: str) -> float:
+    try:
+        value = float(text.strip())
+    except ValueError:
+        raise ConfigError(name, f"expected a number, got {text!r}") from None
+    check(math.isfinite(value), name, f"expected a finite number, got {text!r}")
+    return value
+
+
+def parse_bool(text: str, name: str) -> bool:
+    low = text.strip().lower()
+    if low in ("1", "true", "yes", "on"):
+        return True
+    if low in ("0", "false", "no", "off"):
+        return False
+    raise ConfigError(name, f"expected true/false, got {text!r}")
+
+
+def parse_alt_hosts(value: Any, name: str) -> tuple[HostPort, ...]:
+    if isinstance(value, str):
+        items: list[Any] = [part for part in value.split(",") if part.strip()]
+    else:
+        try:
+            items = list(value)
+        except TypeError:
+            raise ConfigError(name, f"expected host:port items, got {value!r}") from None
+    hosts = []
+    for item in items:
+        if isinstance(item, str):
+            hosts.append(parse_host_port(item, name, 9000))
+        elif (
+            isinstance(item, (tuple, list))
+            and len(item) == 2
+            and isinstance(item[0], str)
+            and isinstance(item[1], int)
+        ):
+            valid_host(item[0], name)
+            valid_port(item[1], name)
+            hosts.append((item[0], item[1]))
+        else:
+            raise ConfigError(name, f"expected 'host:port' or (host, port), got {item!r}")
+    return tuple(hosts)
+
+
+def format_host(host: str, port: int) -> str:
+    """``host:port``, with IPv6 hosts in brackets: the one label a host has everywhere."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+URL_PARAMS: dict[str, Callable[[str, str], Any]] = {
+    "secure": parse_bool,
+    "verify": parse_bool,
+    "ca_certs": lambda v, n: v,
+    "client_name": lambda v, n: v,
+    "compression": lambda v, n: v if v not in ("true", "false", "1", "0") else parse_bool(v, n),
+    "load_balancing": lambda v, n: v,
+    "alt_hosts": parse_alt_hosts,
+}
+
+
+def url_fields(url: str) -> dict[str, Any]:
+    check(isinstance(url, str), "url", "must be a string")
+    scheme, sep, rest = url.partition("://")
+    check(bool(sep), "url", "expected clickhouse://user:password@host:port/database")
+    check(
+        scheme in ("clickhouse", "clickhouses"),
+        "url",
+        f"scheme must be clickhouse:// or clickhouses://, got {scheme!r}",
+    )
+    # A password with a raw '/', '?' or '#' would be split off as path, query or fragment,
+    # and the errors below would then quote pieces of it: refuse it without echoing.
+    cut = min((i for i in (rest.find(c) for c in "/?#") if i >= 0), default=len(rest))
+    check(
+        "@" not in rest[cut:],
+        "url",
+        "'@' after the host part; percent-encode '/', '?', '#' and '@' in the user and "
+        "password (urllib.parse.quote(password, safe='')), and '@' elsewhere as %40",
+    )
+    rest, _, fragment = rest.partition("#")
+    rest, _, query = rest.partition("?")
+    netloc, _, path = rest.partition("/")
+    fields: dict[str, Any] = {"secure": scheme == "clickhouses"}
+    if "@" in netloc:
+        auth, _, netloc = netloc.rpartition("@")
+        user, has_pw, password = auth.partition(":")
+        if user:
+            fields["user"] = unquote(user)
+        if has_pw:
+            fields["password"] = unquote(password)
+    hosts = [h for h in netloc.split(",")] if netloc else []
+    check(bool(hosts) and all(h.strip() for h in hosts), "url", "missing host")
+    try:
+        parsed = [parse_host_port(h, "url", 9000) for h in hosts]
+    except ConfigError:
+        # Never quote the host part of a URL: in 'clickhouse://user:secret' (no '@') the
+        # password sits where the port goes.
+        raise ConfigError(
+            "url", "bad host or port (not shown: it may hold a password written without "
+            "'@'); expected clickhouse://user:password@host:port/database"
+        ) from None
+    fields["host"], fields["port"] = parsed[0]
+    alt = list(parsed[1:])
+    database = unquote(path.strip("/"))
+    if database:
+        check("/" not in database, "url", f"bad database name {database!r}")
+        fields["database"] = database
+    for key, value in parse_qsl(query, keep_blank_values=True, strict_parsing=False):
+        parser = URL_PARAMS.get(key)
+        check(
+            parser is not None,
+            f"url parameter {key!r}",
+            f"unknown; known: {', '.join(sorted(URL_PARAMS))}",
+        )
+        assert parser is not None
+        parsed_value = parser(value, f"url parameter {key!r}")
+        if key == "alt_hosts":
+            alt.extend(parsed_value)
+        else:
+            fields[key] = parsed_value
+    if alt:
+        fields["alt_hosts"] = tuple(alt)
+    del fragment
+    return fields

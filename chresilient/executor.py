@@ -1,0 +1,262 @@
+"""One call: choose a host, run an attempt, retry under the policy, fail over, record.
+
+Every query and insert takes this path: the retry loop (:func:`call_with_retry`) asks the
+policy whether a failure may be repeated; each attempt goes to the first host in failover
+order whose breaker admits it, on a pooled connection bounded by the attempt's timeout.
+Outcomes go to the breaker, the host's counters, the connection state and the events;
+nothing here knows which services listen.
+"""
+
+from __future__ import annotations
+
+import functools
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import ExitStack
+from typing import Any, Callable, TypeVar
+
+import structlog
+
+from .breaker import Permit
+from .config import Config
+from .connection import PooledConnection
+from .errors import (
+    CircuitOpenError,
+    ClickHouseUnavailableError,
+    ErrorKind,
+    classify,
+    counts_for_breaker,
+    describe,
+)
+from .events import Event, Events
+from .hosts import HostSelector, HostState
+from .metrics import Metrics
+from .retry import CallStats, RetryBudget, RetryPolicy, call_with_retry
+from .state import ConnectionStatus
+from .statement import Statement, is_write_query, settings_for_server
+
+T = TypeVar("T")
+log = structlog.get_logger("chresilient")
+
+_END = object()
+
+
+class Executor:
+    """Runs calls for one manager over its hosts (see the module docstring)."""
+
+    def __init__(
+        self,
+        hosts: Sequence[HostState],
+        cfg: Config,
+        *,
+        metrics: Metrics,
+        status: ConnectionStatus,
+        events: Events,
+        closing: threading.Event,
+    ) -> None:
+        self.hosts = hosts
+        self.selector = HostSelector(cfg.load_balancing)
+        self.policy = RetryPolicy.from_config(cfg.retry)
+        self.budget = RetryBudget(cfg.retry.budget_ratio, cfg.retry.budget_burst)
+        self.metrics = metrics
+        self.status = status
+        self.events = events
+        self._closing = closing
+
+    # -- calls --------------------------------------------------------------------------
+    def query(
+        self,
+        query: str,
+        params: Any,
+        statement: Statement,
+        settings: dict[str, Any] | None,
+        **driver_kwargs: Any,
+    ) -> Any:
+        """``Client.execute`` on a pooled connection, settings fitted to its server."""
+
+        def run(conn: PooledConnection) -> Any:
+            sets = settings_for_server(settings, conn.features)
+            return conn.client.execute(query, params, settings=sets, **driver_kwargs)
+
+        return self.call(run, statement)
+
+    def query_iter(
+        self, query: str, params: Any, settings: dict[str, Any] | None, **driver_kwargs: Any
+    ) -> Iterator[Any]:
+        """``Client.execute_iter`` as a stream (see :meth:`stream`)."""
+
+        def start(conn: PooledConnection) -> Iterator[Any]:
+            sets = settings_for_server(settings, conn.features)
+            return iter(conn.client.execute_iter(query, params, settings=sets, **driver_kwargs))
+
+        return self.stream(start, Statement(is_write=is_write_query(query, params)))
+
+    def call(self, run: Callable[[PooledConnection], T], statement: Statement) -> T:
+        """``run(connection)`` under retry, breaker and failover."""
+
+        def body(host: HostState, timeout: float) -> T:
+            with host.pool.connection(timeout) as conn:
+                return run(conn)
+
+        return self.call_on_host(body, statement)
+
+    def call_on_host(
+        self,
+        body: Callable[[HostState, float], T],
+        statement: Statement,
+        tried: list[HostState] | None = None,
+    ) -> T:
+        """``body(host, timeout)`` under retry, breaker and failover; ``tried`` collects
+        the hosts the call went to."""
+        tried = [] if tried is None else tried
+        metrics = self.metrics
+        metrics.incr("queries_total")
+        failover: Callable[[], bool] | None = None
+        if len(self.hosts) > 1:
+            failover = functools.partial(self.selector.untried_left, self.hosts, tried)
+        stats = CallStats()
+        started = time.perf_counter()
+        try:
+            result = call_with_retry(
+                lambda timeout: self._attempt(body, timeout, tried),
+                policy=self.policy,
+                statement=statement,
+                budget=self.budget,
+                sleep=self._sleep,
+                stats=stats,
+                failover=failover,
+            )
+        except BaseException as exc:
+            metrics.observe_duration(time.perf_counter() - started)
+            metrics.incr("retry_attempts", stats.retries)
+            metrics.error(classify(exc).value)
+            raise
+        metrics.observe_duration(time.perf_counter() - started)
+        if stats.retries:
+            metrics.incr("retry_attempts", stats.retries)
+        return result
+
+    def stream(
+        self,
+        start: Callable[[PooledConnection], Iterator[Any]],
+        statement: Statement,
+    ) -> Iterator[Any]:
+        """Rows of ``start(connection)``; the connection is held until the iterator ends.
+
+        Getting the first row is retried like any call; an error after rows were yielded
+        is raised (classified) without retry. An iterator closed early discards its
+        connection, since the server may still be sending.
+        """
+
+        def open_stream(host: HostState, timeout: float) -> tuple[ExitStack, Iterator[Any], Any]:
+            stack = ExitStack()
+            try:
+                conn = stack.enter_context(host.pool.connection(timeout))
+                rows = start(conn)
+                first = next(rows, _END)
+            except BaseException as exc:
+                if not stack.__exit__(type(exc), exc, exc.__traceback__):
+                    raise
+                raise  # pragma: no cover - the pool context never swallows
+            return stack, rows, first
+
+        tried: list[HostState] = []
+        stack, rows, first = self.call_on_host(open_stream, statement, tried)
+        return self._rows(stack, rows, first, tried[-1])
+
+    def _rows(
+        self, stack: ExitStack, rows: Iterator[Any], first: Any, host: HostState
+    ) -> Iterator[Any]:
+        try:
+            if first is _END:
+                return
+            yield first
+            yield from rows
+        except GeneratorExit:
+            stack.__exit__(GeneratorExit, GeneratorExit(), None)
+            raise
+        except Exception as exc:
+            stack.__exit__(type(exc), exc, exc.__traceback__)
+            kind = classify(exc)
+            self.metrics.error(kind.value)
+            if counts_for_breaker(kind):
+                self._failed(host, exc)
+                raise ClickHouseUnavailableError("stream broke", last_error=exc) from exc
+            raise
+        else:
+            stack.__exit__(None, None, None)
+
+    # -- one attempt --------------------------------------------------------------------
+    def _attempt(
+        self, body: Callable[[HostState, float], T], timeout: float, tried: list[HostState]
+    ) -> T:
+        host, permit = self.choose(tried)
+        if tried and tried[-1] is not host:
+            self.metrics.incr("failovers_total")
+            log.info("clickhouse_failover", from_host=tried[-1].label, to_host=host.label)
+        tried.append(host)
+        try:
+            result = body(host, timeout)
+        except BaseException as exc:
+            host.count(failed=True)
+            host.breaker.record(permit, exc)
+            kind = classify(exc)
+            if counts_for_breaker(kind):
+                self._failed(host, exc)
+            elif kind is not ErrorKind.LOCAL:
+                self.status.succeeded()  # the server answered
+            raise
+        host.count(failed=False)
+        permit.success()
+        self.status.succeeded()
+        if self.events.has_listeners(Event.CALL_SUCCEEDED):
+            self.events.fire(Event.CALL_SUCCEEDED, host=host.label)
+        return result
+
+    def choose(self, tried: Sequence[HostState] = ()) -> tuple[HostState, Permit]:
+        """The first host, in failover order, whose breaker admits a call."""
+        refused: CircuitOpenError | None = None
+        for host in self.selector.failover_order(self.hosts, tried):
+            try:
+                return host, host.breaker.acquire()
+            except CircuitOpenError as err:
+                refused = refused or err
+        assert refused is not None
+        raise refused
+
+    def _failed(self, host: HostState, exc: BaseException) -> None:
+        streak = self.status.failed(all_open=self.all_open())
+        log.warning(
+            "clickhouse_call_failed",
+            host=host.label,
+            error=describe(exc),
+            consecutive_failures=streak,
+        )
+        self.events.fire(Event.CALL_FAILED, host=host.label, error=exc)
+
+    def reconnect(self) -> dict[str, Any]:
+        """Drop every pooled connection, reset the breakers and check each host once."""
+        results: dict[str, dict[str, Any]] = {}
+        for host in self.hosts:
+            host.pool.recreate()
+            host.breaker.reset()
+            started = time.monotonic()
+            try:
+                with host.pool.connection(self.policy.timeout_per_attempt) as conn:
+                    conn.client.execute("SELECT 1")
+                results[host.label] = {"ok": True, "seconds": round(time.monotonic() - started, 4)}
+                self.status.succeeded()
+            except Exception as exc:
+                results[host.label] = {"ok": False, "error": describe(exc)}
+        return {"reconnected": all(r["ok"] for r in results.values()), "hosts": results}
+
+    def all_open(self) -> bool:
+        return all(h.is_open() for h in self.hosts)
+
+    def closing(self) -> bool:
+        """The manager is closing: calls end, retries stop waiting."""
+        return self._closing.is_set()
+
+    def _sleep(self, seconds: float) -> bool:
+        return not self._closing.wait(seconds)

@@ -1,0 +1,49 @@
+"""The library's one fork registry: objects that must repair themselves in a child.
+
+Sockets, threads and locks do not survive ``fork()`` (gunicorn ``--preload``): a child
+must not use its parent's pooled sockets or SQLite handles, and a lock some parent
+thread held at fork time stays held forever in the child. Every such object registers
+here once; one ``os.register_at_fork`` hook tells each of them, in registration order.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import weakref
+from typing import Protocol
+
+import structlog
+
+log = structlog.get_logger("chresilient.fork")
+
+
+class ForkAware(Protocol):
+    def after_fork_in_child(self) -> None:
+        """Drop what belongs to the parent; must not take a lock the parent may hold."""
+
+
+_lock = threading.Lock()
+_participants: weakref.WeakKeyDictionary[ForkAware, int] = weakref.WeakKeyDictionary()
+_order = 0
+
+
+def register(obj: ForkAware) -> None:
+    """Call ``obj.after_fork_in_child()`` in every child forked while ``obj`` lives."""
+    global _order
+    with _lock:
+        _order += 1
+        _participants[obj] = _order
+
+
+def _after_fork_in_child() -> None:
+    global _lock
+    _lock = threading.Lock()  # the parent may have held it at fork time
+    for obj, _ in sorted(_participants.items(), key=lambda item: item[1]):
+        try:
+            obj.after_fork_in_child()
+        except Exception as exc:  # one broken participant must not stop the others
+            log.warning("after_fork_failed", participant=type(obj).__name__, error=str(exc))
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)

@@ -53,8 +53,13 @@ class Events:
             )
 
     def has_listeners(self, event: Event) -> bool:
-        """Lets the hot path skip building a payload nobody reads."""
         return bool(self._listeners.get(event))
+
+    @property
+    def on_call_succeeded(self) -> tuple[Listener, ...]:
+        """The listeners of :attr:`Event.CALL_SUCCEEDED`, read once per call by the hot
+        path (which then skips the event entirely while there are none)."""
+        return self._listeners.get(Event.CALL_SUCCEEDED, ())
 
     def fire(self, event: Event, **payload: Any) -> None:
         for listener in self._listeners.get(event, ()):

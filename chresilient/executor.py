@@ -71,15 +71,29 @@ class Executor:
         params: Any,
         statement: Statement,
         settings: dict[str, Any] | None,
-        **driver_kwargs: Any,
+        *,
+        with_column_types: bool,
+        external_tables: Any,
+        query_id: str | None,
+        types_check: bool,
+        columnar: bool,
     ) -> Any:
         """``Client.execute`` on a pooled connection, settings fitted to its server."""
 
-        def run(conn: PooledConnection) -> Any:
-            sets = settings_for_server(settings, conn.features)
-            return conn.client.execute(query, params, settings=sets, **driver_kwargs)
+        def body(host: HostState, timeout: float) -> Any:
+            with host.pool.connection(timeout) as conn:
+                return conn.client.execute(
+                    query,
+                    params,
+                    with_column_types=with_column_types,
+                    external_tables=external_tables,
+                    query_id=query_id,
+                    settings=settings_for_server(settings, conn.features),
+                    types_check=types_check,
+                    columnar=columnar,
+                )
 
-        return self.call(run, statement)
+        return self.call_on_host(body, statement)
 
     def query_iter(
         self, query: str, params: Any, settings: dict[str, Any] | None, **driver_kwargs: Any
@@ -210,7 +224,7 @@ class Executor:
         host.count(failed=False)
         permit.success()
         self.status.succeeded()
-        if self.events.has_listeners(Event.CALL_SUCCEEDED):
+        if self.events.on_call_succeeded:
             self.events.fire(Event.CALL_SUCCEEDED, host=host.label)
         return result
 

@@ -162,7 +162,8 @@ class ClickHouseConnectionManager:
         self.close()
 
     def _check_open(self) -> None:
-        self._restart_after_fork()
+        if self._forked:
+            self._restart_after_fork()
         if self._closing.is_set():
             raise ClientClosedError("the ClickHouse connection manager is closed")
 

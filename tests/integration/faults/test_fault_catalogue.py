@@ -17,7 +17,7 @@ import pytest
 import structlog
 from clickhouse_driver import Client
 from clickhouse_driver import errors as driver_errors
-from helpers import make_config, start_local_server
+from helpers import make_config, start_local_server, wait_until
 
 from chresilient import (
     CircuitBreakerConfig,
@@ -409,9 +409,17 @@ def test_f10_syntax_error_and_unknown_table_make_one_attempt(clickhouse: Any) ->
 
 
 def test_f11_too_many_simultaneous_queries_is_retried() -> None:
-    server = start_local_server(max_concurrent_queries=2)
-    mgr = _patient(server)
+    # The limit is the query's own setting (max_concurrent_queries_for_user), so a watcher
+    # without it can see on the server that both blockers run before the call is made.
+    server = start_local_server()
+    patient = RetryConfig(
+        max_attempts=60, initial_delay=0.1, max_delay=0.3, timeout_per_attempt=3.0,
+        total_timeout=30.0, budget_burst=100.0,
+    )
+    mgr = _patient(server, retry=patient)
     blockers = [Client(server.host, port=server.port) for _ in range(2)]
+    watcher = Client(server.host, port=server.port)
+    running = "SELECT count() FROM system.processes WHERE query LIKE 'SELECT sleep(1.5)%'"
     try:
         assert mgr.execute("SELECT 1") == [(1,)]  # connected before the slots are taken
         threads = [
@@ -420,10 +428,10 @@ def test_f11_too_many_simultaneous_queries_is_retried() -> None:
         ]
         for t in threads:
             t.start()
-        time.sleep(0.4)
+        wait_until(lambda: watcher.execute(running)[0][0] == 2, timeout=10, what="blockers")
+        limit = {"max_concurrent_queries_for_user": 2, "queue_max_wait_ms": 0}
         with structlog.testing.capture_logs() as logs:
-            # queue_max_wait_ms=0: answer 202 at once instead of queueing for a slot.
-            assert mgr.execute("SELECT 1", settings={"queue_max_wait_ms": 0}) == [(1,)]
+            assert mgr.execute("SELECT 1", settings=limit) == [(1,)]
         retried = [e for e in logs if e["event"] == "retrying"]
         assert retried and all(e["error"].startswith("ServerException 202") for e in retried)
         assert mgr.metrics()["retry_attempts"] == len(retried)
@@ -431,6 +439,6 @@ def test_f11_too_many_simultaneous_queries_is_retried() -> None:
             t.join(timeout=10)
     finally:
         mgr.close()
-        for c in blockers:
+        for c in [*blockers, watcher]:
             c.disconnect()
         server.cleanup(graceful=False)

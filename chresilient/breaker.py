@@ -240,10 +240,10 @@ class CircuitBreaker:
             if permit._done:
                 return
             permit._done = True
+            if permit.trial:  # counted until it ends, whatever period it began in
+                self._in_flight -= 1
             if permit._generation != self._generation:
                 return
-            if permit.trial:
-                self._in_flight -= 1
             if outcome == "failure":
                 self._failures += 1
                 self._last_error = exc if exc is not None else self._last_error
@@ -274,7 +274,7 @@ class CircuitBreaker:
             return
         self._state, self._changed_at = new, now
         self._generation += 1
-        self._in_flight = self._trial_successes = 0
+        self._trial_successes = 0  # trials in flight stay counted (see _release)
         if new is CircuitState.OPEN:
             self._opened_at = now
             if old is not CircuitState.OPEN:

@@ -20,7 +20,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from .config import CircuitBreakerConfig, Config, RetryConfig
-from .errors import CircuitOpenError, ClickHouseUnavailableError, describe
+from .errors import CircuitOpenError, ClickHouseUnavailableError, StartupError, describe
 from .health.wsgi import health_wsgi_app
 from .manager import ClickHouseConnectionManager
 from .statement import quote_identifier
@@ -73,6 +73,8 @@ class ValidationRun:
         # The check spools into a directory of its own: it must not touch real data.
         self.mgr = ClickHouseConnectionManager(config.replace(spool_dir=self._spool_dir.name))
         self._table: str | None = None  # a scratch table: its name, unquoted
+        # Set when the server refused us for a reason waiting cannot fix (credentials).
+        self.fatal: StartupError | None = None
 
     def run(self, simulate_failure: bool = False) -> list[CheckResult]:
         scenarios: list[tuple[str, Callable[[], CheckResult]]] = [
@@ -96,6 +98,9 @@ class ValidationRun:
                     result = scenario()
                 except _Failed as failed:
                     result = CheckResult(name, False, reason=str(failed))
+                except StartupError as err:
+                    self.fatal = err
+                    result = CheckResult(name, False, reason=str(err))
                 except Exception as exc:
                     result = CheckResult(name, False, reason=describe(exc))
                 result.scenario = name

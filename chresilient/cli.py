@@ -1,8 +1,9 @@
 """The ``chresilient`` command: wait, check, health, metrics, spool, serve.
 
-Configured like the library: ``CLICKHOUSE_*`` variables, or ``--url``. Exit codes:
-0 success, 1 the check failed (not ready, unhealthy, a scenario failed), 2 bad usage or
-configuration, 3 an error waiting cannot fix (credentials, unknown database).
+Configured like the library: ``CLICKHOUSE_*`` variables, or ``--url``. Exit codes, the
+same for every subcommand: 0 success, 1 the check failed (not ready, unhealthy, a
+scenario failed), 2 bad usage or configuration, 3 an error waiting cannot fix (wrong
+credentials, unknown database).
 """
 
 from __future__ import annotations
@@ -65,9 +66,6 @@ def cmd_wait(args: argparse.Namespace, out: TextIO) -> int:
     with ClickHouseConnectionManager(cfg) as mgr:
         try:
             waited = mgr.wait_until_ready(args.timeout)
-        except StartupError as err:
-            print(f"not ready: {err}", file=sys.stderr)
-            return EXIT_FATAL
         except StartupTimeoutError as err:
             print(f"not ready: {err}", file=sys.stderr)
             return EXIT_FAILED
@@ -126,7 +124,7 @@ def cmd_spool(args: argparse.Namespace, out: TextIO) -> int:
             return EXIT_OK
         try:
             mgr.wait_until_ready(args.timeout)
-        except (StartupError, StartupTimeoutError) as err:
+        except StartupTimeoutError as err:
             print(f"cannot replay: {err}", file=sys.stderr)
             return EXIT_FAILED
         report = spool.replay(limit=args.limit)
@@ -138,9 +136,8 @@ def cmd_spool(args: argparse.Namespace, out: TextIO) -> int:
 def cmd_check(args: argparse.Namespace, out: TextIO) -> int:
     from .checks import ValidationRun
 
-    results = ValidationRun(_config(args), startup_timeout=args.timeout).run(
-        simulate_failure=args.simulate_failure
-    )
+    run = ValidationRun(_config(args), startup_timeout=args.timeout)
+    results = run.run(simulate_failure=args.simulate_failure)
     ok = all(r.ok for r in results)
     if args.json:
         _print_json({"ok": ok, "scenarios": [r.as_dict() for r in results]}, out)
@@ -153,6 +150,8 @@ def cmd_check(args: argparse.Namespace, out: TextIO) -> int:
                 detail += f" ({r.reason})"
             print(f"{verdict}  {r.scenario.ljust(width)}  {detail}", file=out)
         print(f"{sum(r.ok for r in results)}/{len(results)} scenarios passed", file=out)
+    if run.fatal is not None:
+        return EXIT_FATAL
     return EXIT_OK if ok else EXIT_FAILED
 
 
@@ -222,7 +221,9 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="also inject faults through an in-process TCP proxy",
     )
-    check.add_argument("--timeout", type=float, default=30.0, help="startup wait, seconds")
+    check.add_argument(
+        "--timeout", type=float, default=5.0, help="startup wait, seconds (default 5)"
+    )
     check.set_defaults(func=cmd_check)
 
     health = verbs.add_parser("health", help="print the health report")
@@ -262,6 +263,9 @@ def main(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:
     except ConfigError as err:
         print(f"configuration error: {err}", file=sys.stderr)
         return EXIT_USAGE
+    except StartupError as err:  # any subcommand: waiting cannot fix it
+        print(f"not ready: {err}", file=sys.stderr)
+        return EXIT_FATAL
     except KeyboardInterrupt:
         return EXIT_FAILED
     except Exception as err:

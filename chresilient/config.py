@@ -14,6 +14,8 @@ from typing import Any, Callable, TypeVar
 from urllib.parse import quote
 
 from .config_values import (
+    PORT,
+    SECURE_PORT,
     HostPort,
     check,
     format_host,
@@ -21,6 +23,7 @@ from .config_values import (
     parse_bool,
     parse_float,
     parse_int,
+    parse_port,
     positive,
     url_fields,
     valid_host,
@@ -60,7 +63,6 @@ class RetryConfig:
         whole(self.max_attempts, "retry.max_attempts", 1)
         positive(self.initial_delay, "retry.initial_delay", allow_zero=True)
         positive(self.max_delay, "retry.max_delay", allow_zero=True)
-        check(self.max_delay >= self.initial_delay, "retry.max_delay", "must be >= initial_delay")
         positive(self.exponential_base, "retry.exponential_base")
         check(self.exponential_base >= 1, "retry.exponential_base", "must be >= 1")
         check(isinstance(self.jitter, bool), "retry.jitter", "must be a boolean")
@@ -190,7 +192,7 @@ class Config:
     """
 
     host: str = "localhost"
-    port: int = 9000
+    port: int = 0  # 0: the native protocol's port, 9000 (9440 with secure=True)
     user: str = "default"
     password: str = field(default="", repr=False)
     database: str = "default"
@@ -229,6 +231,8 @@ class Config:
             check(isinstance(value, str), name, f"must be a string, got {type(value).__name__}")
         check(isinstance(self.password, str), "password", "must be a string")
         valid_host(self.host, "host")
+        if self.port == 0 and isinstance(self.secure, bool):
+            object.__setattr__(self, "port", SECURE_PORT if self.secure else PORT)
         valid_port(self.port, "port")
         check(bool(self.database), "database", "must not be empty")
         check(isinstance(self.secure, bool), "secure", "must be a boolean")
@@ -374,7 +378,7 @@ def _config_from_env(cls: type[Config], env: Mapping[str, str]) -> Config:
     else:
         parts: dict[str, Callable[[str, str], Any]] = {
             "host": text,
-            "port": parse_int,
+            "port": parse_port,
             "user": text,
             "password": text,
             "database": text,

@@ -6,12 +6,15 @@ Every function raises :class:`ConfigError` naming the field; none echoes a passw
 from __future__ import annotations
 
 import math
+import re
 from typing import Any, Callable
 from urllib.parse import parse_qsl, unquote
 
 from .errors import ConfigError
 
 HostPort = tuple[str, int]
+# ClickHouse's native protocol ports, plain and TLS (the driver's defaults too).
+PORT, SECURE_PORT = 9000, 9440
 
 
 def check(cond: bool, name: str, problem: str) -> None:
@@ -33,19 +36,23 @@ def whole(value: int, name: str, minimum: int) -> None:
 
 
 def parse_host_port(text: str, name: str, default_port: int) -> HostPort:
+    """``host``, ``host:port``, ``[v6]`` or ``[v6]:port``. An IPv6 address must be in
+    brackets: ``::1:9001`` could be a host with a port or a longer address."""
     text = text.strip()
     check(bool(text), name, "empty host")
     if text.startswith("["):  # [::1]:9000
         host, sep, rest = text[1:].partition("]")
         check(bool(sep) and bool(host), name, f"malformed IPv6 host {text!r}")
-        port_text = rest[1:] if rest.startswith(":") else ""
         check(rest == "" or rest.startswith(":"), name, f"malformed host {text!r}")
+        port_text = rest[1:] if rest else None
     elif text.count(":") == 1:
         host, port_text = text.split(":")
     else:
-        host, port_text = text, ""
+        check(":" not in text, name, f"write an IPv6 host in brackets: [{text}] or [addr]:port")
+        host, port_text = text, None
     valid_host(host, name)
-    port = parse_int(port_text, name) if port_text else default_port
+    check(port_text != "", name, f"empty port in {text!r}")
+    port = default_port if port_text is None else parse_int(port_text, name)
     valid_port(port, name)
     return host, port
 
@@ -61,18 +68,27 @@ def valid_port(port: object, name: str) -> None:
     check(ok, name, f"port must be an integer 1-65535, got {port!r}")
 
 
+# Plain decimal text only: Python's int() and float() also take "1_0", "+5", "inf", "nan".
+_INT = re.compile(r"-?[0-9]+")
+_FLOAT = re.compile(r"-?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][-+]?[0-9]+)?")
+
+
 def parse_int(text: str, name: str) -> int:
-    try:
-        return int(text.strip())
-    except ValueError:
-        raise ConfigError(name, f"expected an integer, got {text!r}") from None
+    stripped = text.strip()
+    check(_INT.fullmatch(stripped) is not None, name, f"expected an integer, got {text!r}")
+    return int(stripped)
+
+
+def parse_port(text: str, name: str) -> int:
+    port = parse_int(text, name)
+    valid_port(port, name)
+    return port
 
 
 def parse_float(text: str, name: str) -> float:
-    try:
-        value = float(text.strip())
-    except ValueError:
-        raise ConfigError(name, f"expected a number, got {text!r}") from None
+    stripped = text.strip()
+    check(_FLOAT.fullmatch(stripped) is not None, name, f"expected a number, got {text!r}")
+    value = float(stripped)
     check(math.isfinite(value), name, f"expected a finite number, got {text!r}")
     return value
 
@@ -160,13 +176,15 @@ def url_fields(url: str) -> dict[str, Any]:
     hosts = [h for h in netloc.split(",")] if netloc else []
     check(bool(hosts) and all(h.strip() for h in hosts), "url", "missing host")
     try:
-        parsed = [parse_host_port(h, "url", 9000) for h in hosts]
+        default_port = SECURE_PORT if fields["secure"] else PORT
+        parsed = [parse_host_port(h, "url", default_port) for h in hosts]
     except ConfigError:
         # Never quote the host part of a URL: in 'clickhouse://user:secret' (no '@') the
         # password sits where the port goes.
         raise ConfigError(
             "url", "bad host or port (not shown: it may hold a password written without "
-            "'@'); expected clickhouse://user:password@host:port/database"
+            "'@'); expected clickhouse://user:password@host:port/database, IPv6 hosts in "
+            "brackets ([::1]:9000)"
         ) from None
     fields["host"], fields["port"] = parsed[0]
     alt = list(parsed[1:])

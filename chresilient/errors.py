@@ -103,6 +103,15 @@ class InvalidBatchError(ChResilientError, ValueError):
     """
 
 
+class SessionStateError(ChResilientError, ValueError):
+    """A statement that changes the session (``USE``, ``SET``) was refused before it was sent.
+
+    A pooled connection serves one caller after another: session state left on it would
+    reach the next caller (another database, a row limit). Pass settings per call or in
+    ``Config.settings``, and the database in ``Config.database`` or in the table name.
+    """
+
+
 class ClientClosedError(ChResilientError):
     """The manager or client was used after ``close()``."""
 

@@ -34,7 +34,13 @@ from .hosts import HostSelector, HostState
 from .metrics import Metrics
 from .retry import CallStats, RetryBudget, RetryPolicy, call_with_retry
 from .state import ConnectionStatus
-from .statement import Statement, is_write_query, settings_for_server
+from .statement import (
+    Statement,
+    is_write_query,
+    query_verb,
+    refuse_session_change,
+    settings_for_server,
+)
 
 T = TypeVar("T")
 log = structlog.get_logger("chresilient")
@@ -104,6 +110,7 @@ class Executor:
             sets = settings_for_server(settings, conn.features)
             return iter(conn.client.execute_iter(query, params, settings=sets, **driver_kwargs))
 
+        refuse_session_change(query_verb(query))
         return self.stream(start, Statement(is_write=is_write_query(query, params)))
 
     def call(self, run: Callable[[PooledConnection], T], statement: Statement) -> T:

@@ -3,7 +3,10 @@
 Sockets, threads and locks do not survive ``fork()`` (gunicorn ``--preload``): a child
 must not use its parent's pooled sockets or SQLite handles, and a lock some parent
 thread held at fork time stays held forever in the child. Every such object registers
-here once; one ``os.register_at_fork`` hook tells each of them, in registration order.
+here once; one set of ``os.register_at_fork`` hooks tells each of them: ``before_fork``
+(optional: quiesce, e.g. hold locks so no thread is inside a library at fork time) in
+reverse registration order, then ``after_fork_in_parent`` (optional) or
+``after_fork_in_child`` in registration order.
 """
 
 from __future__ import annotations
@@ -36,14 +39,38 @@ def register(obj: ForkAware) -> None:
         _participants[obj] = _order
 
 
+def _in_order() -> list[ForkAware]:
+    return [obj for obj, _ in sorted(_participants.items(), key=lambda item: item[1])]
+
+
+def _call(objects: list[ForkAware], hook: str) -> None:
+    for obj in objects:
+        method = getattr(obj, hook, None)
+        if method is None:
+            continue
+        try:
+            method()
+        except Exception as exc:  # one broken participant must not stop the others
+            log.warning("fork_hook_failed", hook=hook, participant=type(obj).__name__,
+                        error=str(exc))
+
+
+def _before_fork() -> None:
+    _call(list(reversed(_in_order())), "before_fork")
+
+
+def _after_fork_in_parent() -> None:
+    _call(_in_order(), "after_fork_in_parent")
+
+
 def _after_fork_in_child() -> None:
     global _lock
     _lock = threading.Lock()  # the parent may have held it at fork time
-    for obj, _ in sorted(_participants.items(), key=lambda item: item[1]):
-        try:
-            obj.after_fork_in_child()
-        except Exception as exc:  # one broken participant must not stop the others
-            log.warning("after_fork_failed", participant=type(obj).__name__, error=str(exc))
+    _call(_in_order(), "after_fork_in_child")
 
 
-os.register_at_fork(after_in_child=_after_fork_in_child)
+os.register_at_fork(
+    before=_before_fork,
+    after_in_parent=_after_fork_in_parent,
+    after_in_child=_after_fork_in_child,
+)

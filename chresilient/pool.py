@@ -28,6 +28,7 @@ from .config import Config
 from .config_values import HostPort, format_host
 from .connection import PooledConnection, make_client
 from .errors import ClientClosedError, ClosedInFlightError, PoolTimeoutError
+from .retry import Deadline
 from .server import ServerInfo, detect_features
 
 log = structlog.get_logger("chresilient.pool")
@@ -96,11 +97,15 @@ class HostPool:
     def label(self) -> str:
         return format_host(*self.address)
 
+    def _bound(self) -> float:
+        """The time left of the checkout in progress on this thread (ping, connect)."""
+        deadline: Deadline | None = getattr(self._local, "deadline", None)
+        limit = self.cfg.retry.timeout_per_attempt
+        return limit if deadline is None else deadline.bound(limit)
+
     def _create(self) -> PooledConnection:
         self.stats.bump(connect_attempts=1)
-        timeout = self.cfg.retry.timeout_per_attempt
-        timeout = min(timeout, getattr(self._local, "timeout", timeout))
-        client = make_client(self.cfg, self.address, timeout)
+        client = make_client(self.cfg, self.address, self._bound())
         with self._busy_lock:
             if self._closed:
                 raise ClientClosedError(f"the pool for {self.label} is closed")
@@ -115,10 +120,10 @@ class HostPool:
                 self._connecting.discard(client)
         return self.connection_class(client, self.address)
 
-    def _new_pool(self) -> QueuePool:
+    def _new_pool(self) -> CheckoutBoundPool:
         pcfg = self.cfg.pool
-        pool = QueuePool(
-            self._create,  # type: ignore[arg-type]  # any object with close() will do
+        pool = CheckoutBoundPool(
+            self._create,  # any object with close() will do
             pool_size=pcfg.pool_size,
             max_overflow=pcfg.max_connections - pcfg.pool_size,
             timeout=pcfg.connection_timeout,
@@ -157,6 +162,7 @@ class HostPool:
         if not dbapi_conn.connection.connected:
             # Closed on our side (the driver disconnects after any error): only this one.
             raise sa_exc.DisconnectionError("connection was closed after an error")
+        dbapi_conn.set_timeout(self._bound())  # a ping of an idle connection fits the attempt
         if not dbapi_conn.is_alive(self.cfg.pool.ping_after_idle):
             # The server closed the socket: most likely it restarted, so every
             # connection made before now is stale. Recycle them all at once.
@@ -181,14 +187,17 @@ class HostPool:
 
         A connection is returned to the pool only when the body finished cleanly.
         """
-        self._local.timeout = timeout
+        deadline = Deadline(timeout)
+        pool = self._pool  # a connection checked out of a replaced pool is not pooled again
+        wait = min(self.cfg.pool.connection_timeout, timeout)
+        self._local.deadline = deadline
         try:
-            fairy = self._pool.connect()
+            fairy = pool.connect_within(wait)
         except sa_exc.TimeoutError as err:
             raise PoolTimeoutError(
-                f"no free connection to {self.label} within "
-                f"{self.cfg.pool.connection_timeout:.1f}s "
-                f"(pool_size={self.cfg.pool.pool_size}, "
+                f"no free connection to {self.label} within {wait:.1f}s "
+                f"(pool_timeout={self.cfg.pool.connection_timeout:.1f}s, the attempt's "
+                f"bound {timeout:.1f}s; pool_size={self.cfg.pool.pool_size}, "
                 f"max_connections={self.cfg.pool.max_connections})"
             ) from err
         except sa_exc.InvalidRequestError as err:  # reconnect attempts exhausted on checkout
@@ -196,6 +205,8 @@ class HostPool:
         except Exception as err:  # e.g. a connect that close() interrupted
             self._raise_if_closed(err)
             raise
+        finally:
+            self._local.deadline = None
         conn: PooledConnection = fairy.dbapi_connection  # type: ignore[assignment]
         with self._busy_lock:
             closed = self._closed
@@ -206,7 +217,7 @@ class HostPool:
             raise ClientClosedError(f"the pool for {self.label} is closed")
         ok = False
         try:
-            conn.set_timeout(timeout)
+            conn.set_timeout(deadline.bound(timeout))
             yield conn
             ok = True
         except Exception as err:
@@ -216,8 +227,10 @@ class HostPool:
             conn.last_used = time.monotonic()
             with self._busy_lock:
                 self._busy.discard(conn)
-            # A caught error leaves the driver disconnected: never pool a closed socket.
-            _release(fairy, ok and not self._closed and conn.connection.connected)
+            # A caught error leaves the driver disconnected: never pool a closed socket;
+            # one from a pool that reconnect() replaced is closed, not left to the GC.
+            fresh = pool is self._pool and not self._closed
+            _release(fairy, ok and fresh and conn.connection.connected)
             if self._closed:  # returned while close() ran: make sure nothing stays pooled
                 self._pool.dispose()
 
@@ -323,6 +336,34 @@ class HostPool:
         if victims:
             self.stats.bump(pruned=len(victims))
         return len(victims)
+
+
+class CheckoutBoundPool(QueuePool):
+    """A ``QueuePool`` whose checkout waits at most what the calling attempt has left.
+
+    QueuePool reads its wait from ``_timeout`` in ``_do_get``; that one attribute becomes
+    per thread here (the narrow seam: the rest of the pool is SQLAlchemy's own).
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self._waits = threading.local()
+        super().__init__(*args, **kwargs)
+
+    @property
+    def _timeout(self) -> float:
+        return float(getattr(self._waits, "seconds", self._configured_timeout))
+
+    @_timeout.setter
+    def _timeout(self, seconds: float) -> None:
+        self._configured_timeout = seconds
+
+    def connect_within(self, seconds: float) -> PoolProxiedConnection:
+        """``connect()``, waiting at most ``seconds`` for a free connection."""
+        self._waits.seconds = seconds
+        try:
+            return self.connect()
+        finally:
+            del self._waits.seconds
 
 
 class _PrunedError(sa_exc.DisconnectionError):

@@ -12,7 +12,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Callable, Union
 
-from .errors import InvalidBatchError
+from .errors import InvalidBatchError, SessionStateError
 
 # The setting that lets a server drop a repeated INSERT block (22.x+; absent on 18.16).
 DEDUP_SETTING = "insert_deduplication_token"
@@ -24,6 +24,13 @@ _FIRST_WORD = re.compile(r"[A-Za-z]+")
 READ_VERBS = frozenset({"select", "with", "show", "describe", "desc", "exists", "explain"})
 
 TableName = Union[str, tuple[str, str]]
+# Statements that change the server-side session of the connection they run on.
+SESSION_ADVICE = {
+    "use": "pass the database in Config.database (CLICKHOUSE_DB) or qualify table names "
+    "(db.table)",
+    "set": "pass settings per call (execute(..., settings={...})) or for every call "
+    "(Config.settings)",
+}
 
 
 def query_verb(query: str) -> str:
@@ -31,6 +38,17 @@ def query_verb(query: str) -> str:
     start = _LEADING_NOISE.match(query)
     word = _FIRST_WORD.match(query, start.end() if start else 0)
     return word.group(0).lower() if word else ""
+
+
+def refuse_session_change(verb: str) -> None:
+    """Raise :class:`SessionStateError` for ``USE`` and ``SET``: on a pooled connection
+    their effect would outlive the call and reach whoever uses the connection next."""
+    advice = SESSION_ADVICE.get(verb)
+    if advice is not None:
+        raise SessionStateError(
+            f"{verb.upper()} changes the session of one pooled connection, whose next user "
+            f"is another caller; it was not sent: {advice}"
+        )
 
 
 def is_write_query(query: str, params: Any) -> bool:
@@ -67,11 +85,16 @@ class Statement:
         settings: Mapping[str, Any] | None = None,
         dedup_supported: Callable[[], bool] = lambda: False,
     ) -> Statement:
-        """``dedup_supported()`` is asked only for a write that carries a token."""
-        if not settings and params is None:
-            # The hot path: a plain query with no settings.
-            return READ if query_verb(query) in READ_VERBS else WRITE
-        is_write = is_write_query(query, params)
+        """``dedup_supported()`` is asked only for a write that carries a token. Raises
+        :class:`SessionStateError` for ``USE`` and ``SET``."""
+        verb = query_verb(query)
+        if verb in SESSION_ADVICE:
+            refuse_session_change(verb)
+        if not settings and params is None:  # the hot path: a plain query, no settings
+            return READ if verb in READ_VERBS else WRITE
+        is_write = isinstance(params, (list, tuple, types.GeneratorType)) or (
+            verb not in READ_VERBS
+        )
         return cls(
             is_write=is_write,
             replayable=not isinstance(params, (Iterator, types.GeneratorType)),

@@ -42,6 +42,9 @@ log = structlog.get_logger("chresilient.health")
 
 # How long a caller waits for a report beyond the checks' own timeouts.
 SLACK = 1.0
+# Probe backoff while a breaker is not closed: the first wait, doubled up to the last.
+OPEN_PROBE_FIRST = 0.5
+OPEN_PROBE_MAX = 2.0
 
 
 class HealthMonitor:
@@ -80,6 +83,7 @@ class HealthMonitor:
         # (host label, client) -> seconds; replaceable so tests can fake a lagging replica.
         self.replica_delay_source: Callable[[str, Client], float | None] = read_replica_delay
         self._delay_unreadable: set[str] = set()
+        self._open_backoff = OPEN_PROBE_FIRST
         # From now on it probes for recovery, so application calls need not.
         events.listen(Event.BREAKER_OPENED, lambda host, **_: self.wake())
 
@@ -140,15 +144,23 @@ class HealthMonitor:
             delay = self._next_delay()
 
     def _next_delay(self) -> float:
-        """The interval, shorter while a breaker is open.
+        """The interval; while a breaker is not closed, a short backoff instead.
 
-        An open breaker admits application calls as trials once its recovery timeout has
-        passed; probing (and so restarting that timer) more often than that keeps the
-        discovery of recovery off the application's calls.
+        A probe is one cheap query (a refused connect while the server is down), so while
+        a breaker is open the monitor probes from OPEN_PROBE_FIRST doubling up to
+        OPEN_PROBE_MAX: ClickHouse is seen back within about OPEN_PROBE_MAX of answering,
+        instead of the application waiting out ``recovery_timeout``, and a server that
+        stays down gets one connect every couple of seconds.
         """
         if all(h.breaker.closed for h in self._hosts):
+            self._open_backoff = OPEN_PROBE_FIRST
             return self.interval
-        return min(self.interval, self._cfg.breaker.recovery_timeout / 2)
+        # Below half the recovery timeout, so probes (which restart an open breaker's
+        # timer when they fail) keep application calls from becoming trials.
+        limit = min(OPEN_PROBE_MAX, self._cfg.breaker.recovery_timeout / 2, self.interval)
+        delay = min(self._open_backoff, limit)
+        self._open_backoff = min(delay * 2, limit)
+        return delay
 
     def tick(self) -> None:
         """One round: probe every host, prune, maybe check analytics consistency."""

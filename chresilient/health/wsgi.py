@@ -18,7 +18,7 @@ from urllib.parse import parse_qs
 import structlog
 
 from ..config import Config
-from ..errors import describe
+from ..errors import ClientClosedError, describe
 from ..observability.prometheus import exposition
 from .common import Report, SingleFlight, scrub
 
@@ -82,7 +82,8 @@ class HealthApp:
         self.mgr = mgr
         self.show_details = show_details
         self.reconnect_timeout = reconnect_timeout
-        self._token = reconnect_token or None
+        # Secrets read from files end with a newline; the sent token is stripped too.
+        self._token = (reconnect_token or "").strip().encode() or None
         self._reconnect: SingleFlight[Report] = SingleFlight(mgr.reconnect, "chresilient-reconnect")
         self._routes: dict[str, tuple[str, Callable[[dict[str, Any]], Response]]] = {
             "": ("GET", self._health),
@@ -107,6 +108,8 @@ class HealthApp:
             return _send(start_response, 405, body, JSON, environ, [("Allow", ", ".join(allowed))])
         try:
             status, body, content_type = handler(environ)
+        except ClientClosedError as exc:  # the application is shutting down: not a bug
+            status, body, content_type = 503, {"error": describe(exc)}, JSON
         except Exception as exc:
             log.warning(
                 "health_endpoint_failed", path=environ.get("PATH_INFO"), error=describe(exc)
@@ -131,10 +134,8 @@ class HealthApp:
         return _by_status(report["status"]), report, JSON
 
     def _metrics(self, environ: dict[str, Any]) -> Response:
-        fmt = _query(environ).get("format", "")
-        accept = str(environ.get("HTTP_ACCEPT", ""))
-        wants_text = fmt in ("prometheus", "text") or (
-            fmt != "json" and ("text/plain" in accept or "openmetrics" in accept)
+        wants_text = wants_prometheus(
+            _query(environ).get("format", ""), str(environ.get("HTTP_ACCEPT", ""))
         )
         if wants_text:
             body, content_type = exposition(self.mgr)
@@ -182,9 +183,10 @@ class HealthApp:
         if self._token is None:
             return 403, {"error": "reconnect is disabled: no reconnect token is configured"}, JSON
         scheme, _, given = str(environ.get("HTTP_AUTHORIZATION", "")).partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(
-            given.strip().encode(), self._token.encode()
-        ):
+        # WSGI hands header bytes over decoded as Latin-1: undo that to compare the bytes
+        # sent (a UTF-8 token) with the token's UTF-8 bytes, in constant time.
+        sent = given.strip().encode("latin-1", errors="replace")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(sent, self._token):
             return 401, {"error": "a valid bearer token is required"}, JSON
         log.info("reconnect_requested", remote=environ.get("REMOTE_ADDR"))
         try:
@@ -218,6 +220,43 @@ def _subpath(environ: dict[str, Any]) -> str | None:
     if str(environ.get("SCRIPT_NAME") or "").rstrip("/").endswith(BASE):
         return path
     return None
+
+
+TEXT_TYPES = ("text/plain", "application/openmetrics-text")
+
+
+def wants_prometheus(fmt: str, accept: str) -> bool:
+    """``?format=`` (any case) decides; else the Accept header by q-value, then by order;
+    JSON when nothing prefers text (no header, ``*/*``, or a tie listed JSON first)."""
+    fmt = fmt.strip().lower()
+    if fmt:
+        return fmt in ("prometheus", "text", "openmetrics")
+    ranges = []
+    for position, part in enumerate(accept.split(",")):
+        media, *params = (p.strip() for p in part.split(";"))
+        q = 1.0
+        for param in params:
+            key, _, value = param.partition("=")
+            if key.strip().lower() == "q":
+                try:
+                    q = max(0.0, min(1.0, float(value)))
+                except ValueError:
+                    q = 0.0
+        if media:
+            ranges.append((media.lower(), q, position))
+
+    def preference(media_type: str) -> tuple[float, int]:
+        """(q, -position) of the most specific range that matches ``media_type``."""
+        kind = media_type.split("/")[0] + "/*"
+        for pattern in (media_type, kind, "*/*"):
+            found = [(q, -pos) for media, q, pos in ranges if media == pattern]
+            if found:
+                return max(found)
+        return (0.0, 0)
+
+    text = max(preference(t) for t in TEXT_TYPES)
+    json_pref = preference("application/json")
+    return text[0] > 0 and text > json_pref
 
 
 def _query(environ: dict[str, Any]) -> dict[str, str]:

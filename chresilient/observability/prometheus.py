@@ -170,8 +170,14 @@ class ManagerCollector(Collector):
         pool = self._family(
             GaugeMetricFamily,
             "chresilient_pool_connections",
-            "Pooled connections by state.",
+            "Open pooled connections by state (the states partition them).",
             ("host", "state"),
+        )
+        overflow = self._family(
+            GaugeMetricFamily,
+            "chresilient_pool_overflow_connections",
+            "Open connections beyond pool_size (also counted in chresilient_pool_connections).",
+            ("host",),
         )
         checkouts = self._family(
             CounterMetricFamily,
@@ -223,15 +229,16 @@ class ManagerCollector(Collector):
             self._add(lagging, (label,), 1.0 if host["lagging"] else 0.0)
             self._add(breaker, (label,), BREAKER_STATES.get(host["circuit_breaker_state"], 2))
             self._add(opens, (label,), host["circuit_breaker_opens"])
-            for state in ("checked_out", "idle", "overflow"):
+            for state in ("checked_out", "idle"):
                 self._add(pool, (label, state), host[state])
+            self._add(overflow, (label,), host["overflow"])
             self._add(checkouts, (label, "hit"), host["pool_hits"])
             self._add(checkouts, (label, "miss"), host["pool_misses"])
             self._add(connects, (label, "success"), host["pool_connects"])
             self._add(connects, (label, "failure"), host["pool_connect_failures"])
             self._add(discarded, (label, "invalidated"), host["pool_invalidations"])
             self._add(discarded, (label, "pruned"), host["pool_pruned"])
-        yield from (breaker, opens, pool, checkouts, connects, discarded)
+        yield from (breaker, opens, pool, overflow, checkouts, connects, discarded)
         yield from (queries, query_errors, delay, lagging)
 
     def _health_metrics(self, m: dict[str, Any]) -> Iterator[Metric]:

@@ -39,7 +39,14 @@ from .records import (
     SpoolTotals,
     batch_from_row,
 )
-from .sqlite import connect, exclusive_flock, is_disk_full, open_database, owner_id
+from .sqlite import (
+    BUSY_TIMEOUT,
+    connect,
+    exclusive_flock,
+    is_disk_full,
+    open_database,
+    owner_id,
+)
 
 PENDING, SET_ASIDE = BatchState.PENDING, BatchState.SET_ASIDE
 
@@ -90,6 +97,30 @@ class SpoolStore:
         self._conn: sqlite3.Connection | None = None
         self._reader: sqlite3.Connection | None = None
         self.owner = owner_id()
+        self._fork_held: list[Any] = []  # locks held from before_fork to after_fork
+
+    def before_fork(self) -> None:
+        """Quiesce: no thread of this process may be inside SQLite at fork time (the child
+        would inherit SQLite's own mutexes locked), and no connection may be open (the
+        child would inherit SQLite's file-lock bookkeeping without the locks). Both
+        connections are closed under their locks; they reopen on the next use."""
+        wait = BUSY_TIMEOUT + 1.0
+        self._fork_held = [
+            lock for lock in (self._lock, self._read_lock) if lock.acquire(timeout=wait)
+        ]
+        if len(self._fork_held) < 2:
+            log.warning("spool_busy_at_fork", directory=self.directory, waited=wait)
+            return
+        for conn in (self._conn, self._reader):
+            if conn is not None:
+                with contextlib.suppress(sqlite3.Error):
+                    conn.close()
+        self._conn = self._reader = None
+
+    def after_fork_in_parent(self) -> None:
+        for lock in reversed(self._fork_held):
+            lock.release()
+        self._fork_held = []
 
     def after_fork_in_child(self) -> None:
         self._reset()

@@ -11,6 +11,7 @@ import sys
 import time
 import urllib.request
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -99,6 +100,34 @@ def test_wait_wrong_password_is_fatal_and_secret(clickhouse_server: Any, tmp_pat
     assert result.returncode == 3
     assert "authentication" in result.stderr
     assert secret not in result.stderr + result.stdout
+
+
+@pytest.mark.parametrize(
+    "args",
+    [["wait"], ["check"], ["health"], ["metrics"], ["spool", "replay"], ["serve", "--port", "0"]],
+    ids=lambda args: args[0],
+)
+def test_wrong_password_exits_3_for_every_subcommand(
+    clickhouse: Any, tmp_path: Path, args: list[str]
+) -> None:
+    secret = "not-the-password-123"
+    env = _env(clickhouse, tmp_path, CLICKHOUSE_USER="tester", CLICKHOUSE_PASSWORD=secret)
+    result = run_cli([*args, "--timeout", "20"], env, timeout=60)
+    assert result.returncode == 3, (result.returncode, result.stderr[-500:])
+    assert "CLICKHOUSE_PASSWORD" in result.stderr + result.stdout  # the advice
+    assert secret not in result.stderr + result.stdout
+
+
+def test_check_reports_a_down_server_within_seconds(tmp_path: Path) -> None:
+    down = SimpleNamespace(host="127.0.0.1", port=_free_port())
+    started = time.monotonic()
+    result = run_cli(["check", "--json"], _env(down, tmp_path), timeout=60)
+    took = time.monotonic() - started
+    report = json.loads(result.stdout)
+    assert result.returncode == 1 and not report["ok"]
+    assert report["scenarios"][0]["scenario"] == "manager initialisation"
+    assert "refused" in report["scenarios"][0]["reason"]
+    assert took < 50  # a hang guard: the default startup wait is 5 s
 
 
 def test_check_passes_on_a_healthy_server_with_simulated_faults(

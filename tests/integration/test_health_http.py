@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import socket
 import threading
 import time
 from typing import Any
@@ -13,7 +14,7 @@ import pytest
 import structlog
 from flask import Flask
 from health_support import ConnectionCounter, call, serve
-from helpers import make_config, wait_until
+from helpers import make_config, tcp_connections, wait_until
 from prometheus_client.parser import text_string_to_metric_families
 
 from chresilient import (
@@ -359,3 +360,66 @@ def test_flask_init_app(clickhouse: Any) -> None:
             assert call(url + "/ops" + BASE + "/nope").status == 404
     finally:
         mgr.close()
+
+
+def _post_raw(url: str, path: str, authorization: bytes) -> int:
+    """POST with raw header bytes (a UTF-8 token), the way a browser or curl sends them."""
+    host, port = url.split("//")[1].split(":")
+    with socket.create_connection((host, int(port)), timeout=20) as sock:
+        sock.sendall(
+            b"POST " + path.encode() + b" HTTP/1.0\r\nHost: x\r\nContent-Length: 0\r\n"
+            b"Authorization: Bearer " + authorization + b"\r\n\r\n"
+        )
+        head = sock.recv(64)
+    return int(head.split(b" ")[1])
+
+
+def test_reconnect_token_bytes_and_file_newline(mgr: Any) -> None:
+    token = "jeton-élevé-€"
+    # A token read from a file ends with a newline; the sent one never does.
+    with serve(health_wsgi_app(mgr, reconnect_token=token + "\n")) as url:
+        path = BASE + "/reconnect"
+        assert _post_raw(url, path, token.encode("utf-8")) == 200
+        assert _post_raw(url, path, b"jeton") == 401
+        assert _post_raw(url, path, token.encode("utf-8") + b"x") == 401
+
+
+def test_reconnect_on_a_closed_manager_is_503(clickhouse: Any) -> None:
+    closed = ClickHouseConnectionManager(make_config(clickhouse))
+    closed.close()
+    with serve(health_wsgi_app(closed, reconnect_token=TOKEN)) as url:
+        reply = call(
+            url + BASE + "/reconnect", method="POST", headers={"Authorization": f"Bearer {TOKEN}"}
+        )
+        assert reply.status == 503 and "closed" in reply.json()["error"]
+
+
+def test_metrics_negotiation_and_pool_series_partition(clickhouse: Any, client: Any) -> None:
+    open_before = tcp_connections(client)
+    pool = ConnectionPoolConfig(pool_size=1, max_connections=3)
+    manager = ClickHouseConnectionManager(make_config(clickhouse, pool=pool))
+    streams = []
+    try:
+        # Three open connections: two held by streams, one back in the pool.
+        for _ in range(3):
+            rows = manager.execute_iter("SELECT number FROM system.numbers LIMIT 3")
+            assert next(rows) == (0,)
+            streams.append(rows)
+        assert list(streams.pop()) == [(1,), (2,)]
+        assert tcp_connections(client) - open_before == 3
+        with serve(health_wsgi_app(manager)) as url:
+            browser = {"Accept": "application/json, text/plain, */*"}
+            reply = call(url + BASE + "/metrics", headers=browser)
+            assert reply.headers["Content-Type"].startswith("application/json")
+            text = call(url + BASE + "/metrics?format=PROMETHEUS")
+            assert text.headers["Content-Type"].startswith("text/plain")
+            families = {f.name: f for f in text_string_to_metric_families(text.text)}
+        samples = families["chresilient_pool_connections"].samples
+        series = {s.labels["state"]: s.value for s in samples}
+        assert series == {"checked_out": 2.0, "idle": 1.0}  # 3 open connections, no overlap
+        overflow = families["chresilient_pool_overflow_connections"].samples[0].value
+        assert overflow == 2.0  # beyond pool_size=1
+    finally:
+        for rows in streams:
+            list(rows)
+        manager.close()

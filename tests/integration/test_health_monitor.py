@@ -103,8 +103,9 @@ def test_open_breaker_is_closed_by_the_monitor_not_by_traffic(clickhouse_server:
     recovery = 0.6
     mgr = monitored(
         clickhouse_server,
-        # A long interval: the breaker opening wakes the monitor, which then probes every
-        # recovery_timeout / 2, so the breaker never lets application calls in as trials.
+        # A long interval: the breaker opening wakes the monitor, which then probes more
+        # often than recovery_timeout / 2, so the breaker never lets application calls in
+        # as trials.
         pool=ConnectionPoolConfig(health_check_interval=60.0),
         retry=RetryConfig(max_attempts=1, timeout_per_attempt=1.0, total_timeout=2.0),
         breaker=CircuitBreakerConfig(failure_threshold=2, recovery_timeout=recovery),
@@ -119,22 +120,20 @@ def test_open_breaker_is_closed_by_the_monitor_not_by_traffic(clickhouse_server:
         assert breaker.state is CircuitState.OPEN
         deadline = time.monotonic() + 4 * recovery
         while time.monotonic() < deadline:  # well past the recovery timeout: still no trials
-            started = time.perf_counter()
-            with pytest.raises(CircuitOpenError):
+            with pytest.raises(CircuitOpenError):  # refused by the breaker: no network
                 mgr.execute("SELECT 1")
-            assert time.perf_counter() - started < 0.005
             time.sleep(0.05)
         assert mgr.monitor.probe_failures_total >= 3  # the monitor did the trying
         assert breaker.opens_total == 1
         assert mgr.health()["status"] == "unhealthy"
         clickhouse_server.start()
-        back = time.monotonic()
+        queries = mgr.metrics()["queries_total"]
         wait_until(
             lambda: breaker.state is CircuitState.CLOSED,
-            timeout=recovery + 1.0,
+            timeout=10.0,
             what="the monitor's probe to close the breaker",
         )
-        assert time.monotonic() - back < recovery / 2 + 0.5
+        assert mgr.metrics()["queries_total"] == queries  # no application call did it
         assert mgr.execute("SELECT 1") == [(1,)]
         assert mgr.health()["status"] == "healthy"
     finally:

@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 
 from chresilient import CircuitBreakerConfig, Config, ConfigError, ConnectionPoolConfig, RetryConfig
 from chresilient.config import ENV_VARS
+from chresilient.retry import RetryPolicy
 
 PASSWORD = "p@ss:w/rd#1 \n"
 
@@ -182,6 +183,53 @@ def test_from_env_names_the_bad_variable(var: str, value: str) -> None:
     assert var in str(info.value)
 
 
+def test_a_cap_caps_and_ports_follow_the_scheme() -> None:
+    # Only the cap set: the first delay is the cap, not a refusal to start.
+    cfg = Config.from_env({"CLICKHOUSE_RETRY_MAX_DELAY": "0.5"})
+    assert cfg.retry.max_delay == 0.5 and cfg.retry.initial_delay == 1.0
+    policy = RetryPolicy.from_config(cfg.retry)
+    assert policy.backoff(1, rng=lambda: 1.0) == 0.5 and policy.backoff(4, rng=lambda: 1.0) == 0.5
+    assert Config.from_url("clickhouses://h").port == 9440
+    assert Config.from_url("clickhouse://h").port == 9000
+    assert Config(secure=True).port == 9440 and Config().port == 9000
+    assert Config.from_env({"CLICKHOUSE_SECURE": "true"}).port == 9440
+    assert Config.from_url("clickhouse://u:p@[::1]:9001/db").hosts == (("::1", 9001),)
+    assert Config.from_url("clickhouse://[::1]/db").hosts == (("::1", 9000),)
+
+
+@pytest.mark.parametrize(
+    ("url", "why"),
+    [
+        ("clickhouse://u:p@::1:9001/db", "brackets"),  # a host with a port, or an address?
+        ("clickhouse://h:/db", "url"),  # an empty port is not the default port
+        ("clickhouse://h:9_000/db", "url"),
+        ("clickhouse://h:+9000/db", "url"),
+    ],
+)
+def test_ambiguous_or_odd_hosts_are_refused(url: str, why: str) -> None:
+    with pytest.raises(ConfigError, match=why):
+        Config.from_url(url)
+
+
+@pytest.mark.parametrize(
+    ("var", "value"),
+    [
+        ("CLICKHOUSE_POOL_SIZE", "1_0"),
+        ("CLICKHOUSE_POOL_SIZE", "+5"),
+        ("CLICKHOUSE_PORT", "9_000"),
+        ("CLICKHOUSE_PORT", "0"),
+        ("CLICKHOUSE_RETRY_MAX_DELAY", "1_0"),
+        ("CLICKHOUSE_RETRY_MAX_DELAY", "nan"),
+        ("CLICKHOUSE_ALT_HOSTS", "h:"),
+        ("CLICKHOUSE_ALT_HOSTS", "::1:9000"),
+    ],
+)
+def test_numbers_are_plain_decimals(var: str, value: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        Config.from_env({var: value})
+    assert info.value.field == var
+
+
 def test_bad_password_value_is_not_echoed() -> None:
     with pytest.raises(ConfigError) as info:
         Config.from_env({"CLICKHOUSE_PASSWORD": PASSWORD, "CLICKHOUSE_PORT": "x"})
@@ -192,9 +240,9 @@ def test_keyword_validation_names_field() -> None:
     with pytest.raises(ConfigError, match=r"pool\.max_connections"):
         ConnectionPoolConfig(pool_size=5, max_connections=2)
     with pytest.raises(ConfigError, match=r"retry\.max_delay"):
-        RetryConfig(initial_delay=5, max_delay=1)
+        RetryConfig(max_delay=-1)
     with pytest.raises(ConfigError, match="port"):
-        Config(port=0)
+        Config(port=70000)
     with pytest.raises(ConfigError, match="host"):
         Config(host="bad host")
     with pytest.raises(ConfigError, match="alt_hosts"):

@@ -1,0 +1,156 @@
+"""Every wait is bounded by the call's deadline, and one caller never affects another.
+
+Against real servers. A time bound here asserts a deadline the library promises; the slack
+over the promised bound covers scheduling on a busy 2-core machine, and the old behaviour
+(a multiple of the bound) stays far outside it.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from typing import Any
+
+import pytest
+from helpers import make_config, tcp_connections, wait_until
+
+from chresilient import (
+    CircuitBreakerConfig,
+    ClickHouseConnectionManager,
+    ClickHouseUnavailableError,
+    ConnectionPoolConfig,
+    PoolTimeoutError,
+    RetryConfig,
+    SessionStateError,
+)
+from chresilient.breaker import CircuitBreaker, CircuitState
+
+
+def test_pool_wait_is_bounded_by_the_deadline(clickhouse: Any) -> None:
+    cfg = make_config(
+        clickhouse,
+        retry=RetryConfig(timeout_per_attempt=3.0, total_timeout=1.0),
+        pool=ConnectionPoolConfig(pool_size=1, max_connections=1, connection_timeout=8.0),
+    )
+    with ClickHouseConnectionManager(cfg) as mgr:
+        held = mgr.execute_iter("SELECT number FROM system.numbers LIMIT 2")
+        assert next(held) == (0,)
+        started = time.monotonic()
+        with pytest.raises(PoolTimeoutError) as info:
+            mgr.execute("SELECT 1")
+        took = time.monotonic() - started
+        assert "within 1.0s" in str(info.value)  # min(pool_timeout 8 s, 1 s left)
+        assert took < 4.0  # the pool's own 8 s wait is not taken
+        assert list(held) == [(1,)]
+
+
+def test_idle_ping_and_reconnect_fit_inside_the_deadline(clickhouse_server: Any) -> None:
+    cfg = make_config(
+        clickhouse_server,
+        retry=RetryConfig(
+            max_attempts=1, timeout_per_attempt=3.0, total_timeout=3.0, initial_delay=0.01
+        ),
+        # Every checkout pings (the connection counts as idle at once).
+        pool=ConnectionPoolConfig(ping_after_idle=0.0),
+        spool_enabled=False,
+    )
+    with ClickHouseConnectionManager(cfg) as mgr:
+        assert mgr.execute("SELECT 1") == [(1,)]
+        clickhouse_server.freeze()
+        try:
+            started = time.monotonic()
+            with pytest.raises(ClickHouseUnavailableError):
+                mgr.execute("SELECT 1")
+            took = time.monotonic() - started
+        finally:
+            clickhouse_server.thaw()
+        # Before: the ping took its own 3 s, then the reconnect a full 3 s more (6 s).
+        assert took < 4.5, f"a 3 s deadline took {took:.1f} s"
+
+
+def test_reconnect_closes_connections_that_were_checked_out(
+    clickhouse: Any, client: Any
+) -> None:
+    before = tcp_connections(client)
+    with ClickHouseConnectionManager(make_config(clickhouse, spool_enabled=False)) as mgr:
+        held = mgr.execute_iter("SELECT number FROM system.numbers LIMIT 2")
+        assert next(held) == (0,)
+        assert tcp_connections(client) - before == 1
+        replaced = mgr.hosts[0].pool.queue_pool  # kept alive: the GC must not be what closes
+        assert mgr.reconnect()["reconnected"] is True  # its probe opens a new connection
+        assert tcp_connections(client) - before == 2
+        assert list(held) == [(1,)]  # the stream's connection comes back: closed, not kept
+        wait_until(
+            lambda: tcp_connections(client) - before == 1, timeout=10, what="the old socket"
+        )
+        assert mgr.metrics()["idle"] == 1
+        del replaced
+
+
+def test_an_old_half_open_trial_still_counts_against_the_cap() -> None:
+    now = [0.0]
+    cfg = CircuitBreakerConfig(failure_threshold=1, recovery_timeout=1.0, half_open_max_calls=1)
+    breaker = CircuitBreaker(cfg, clock=lambda: now[0])
+    breaker.acquire().failure(ConnectionError("down"))
+    now[0] += 1.5
+    slow_trial = breaker.acquire()  # half-open: the one trial allowed
+    assert slow_trial.trial
+    other = breaker.acquire
+    with pytest.raises(ClickHouseUnavailableError):
+        other()
+    breaker.force_open(ConnectionError("a probe saw it down"))  # a new period begins
+    now[0] += 1.5  # half-open again while the slow trial is still in flight
+    with pytest.raises(ClickHouseUnavailableError):
+        breaker.acquire()  # still capped: the old trial is in flight
+    slow_trial.failure(TimeoutError("slow"))  # stale: it does not reopen the new period
+    assert breaker.state is CircuitState.HALF_OPEN
+    breaker.acquire().success()
+    assert breaker.state is CircuitState.CLOSED
+
+
+def test_session_state_statements_are_refused_with_advice(clickhouse: Any) -> None:
+    with ClickHouseConnectionManager(make_config(clickhouse, spool_enabled=False)) as mgr:
+        for statement in (
+            "USE system",
+            "  use system",
+            "/* x */ SET max_result_rows = 5",
+            "SET max_block_size=1, result_overflow_mode='break'",
+        ):
+            with pytest.raises(SessionStateError) as info:
+                mgr.execute(statement)
+            assert "settings=" in str(info.value) or "database" in str(info.value)
+        assert mgr.metrics()["queries_total"] == 0  # refused before any connection
+        assert mgr.metrics()["connection_attempts"] == 0
+
+
+def test_no_session_state_leaks_between_32_threads(clickhouse: Any) -> None:
+    pool = ConnectionPoolConfig(pool_size=2, max_connections=4)
+    cfg = make_config(clickhouse, pool=pool, spool_enabled=False)
+    limited = {"max_result_rows": 5, "result_overflow_mode": "break", "max_block_size": 1}
+    wrong: list[Any] = []
+    with ClickHouseConnectionManager(cfg) as mgr:
+
+        def worker(n: int) -> None:
+            for _ in range(20):
+                if n % 2:
+                    rows = mgr.execute("SELECT number FROM system.numbers LIMIT 100",
+                                       settings=limited)
+                    if not 5 <= len(rows) < 100:
+                        wrong.append(("limited", len(rows)))
+                    with pytest.raises(SessionStateError):
+                        mgr.execute("USE system")
+                else:
+                    rows = mgr.execute("SELECT number FROM system.numbers LIMIT 100")
+                    if len(rows) != 100:
+                        wrong.append(("plain", len(rows)))
+                    database = mgr.execute("SELECT currentDatabase()")[0][0]
+                    if database != cfg.database:
+                        wrong.append(("database", database))
+
+        threads = [threading.Thread(target=worker, args=(n,)) for n in range(32)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(120)
+        assert not any(t.is_alive() for t in threads)
+    assert not wrong, wrong[:5]

@@ -1,0 +1,162 @@
+"""fork() (gunicorn --preload, multiprocessing): every path is safe in a child.
+
+Children are real ``os.fork()`` processes; each reports through a pipe and ends with
+``os._exit``. A child that does not answer within its bound is killed and counted as hung.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import threading
+import time
+from typing import Any, Callable
+
+from helpers import make_config
+
+from chresilient import ClickHouseConnectionManager, ConnectionPoolConfig
+
+CHILD_BOUND = 60.0  # seconds a child may take before it counts as hung (expected: < 2 s)
+
+
+def fork_child(work: Callable[[], dict[str, Any]]) -> tuple[int, int]:
+    """Fork a child that runs ``work`` and writes its JSON result; returns (pid, fd)."""
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child
+        code = 1
+        try:
+            os.close(read_end)
+            os.write(write_end, json.dumps(work(), default=str).encode())
+            code = 0
+        except BaseException as exc:
+            os.write(write_end, json.dumps({"error": repr(exc)}).encode())
+        finally:
+            os._exit(code)
+    os.close(write_end)
+    return pid, read_end
+
+
+def collect(children: list[tuple[int, int]]) -> tuple[list[dict[str, Any]], int]:
+    """Results of the children that answered in time, and how many hung (killed)."""
+    results, hung = [], 0
+    deadline = time.monotonic() + CHILD_BOUND
+    for pid, fd in children:
+        while time.monotonic() < deadline:
+            done, _ = os.waitpid(pid, os.WNOHANG)
+            if done:
+                break
+            time.sleep(0.02)
+        else:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+            hung += 1
+            os.close(fd)
+            continue
+        with os.fdopen(fd) as pipe:
+            results.append(json.loads(pipe.read() or '{"error": "no answer"}'))
+    return results, hung
+
+
+def test_every_path_in_a_forked_child_uses_the_childs_own_sockets(clickhouse: Any) -> None:
+    cfg = make_config(clickhouse, pool=ConnectionPoolConfig(health_check_interval=0.5))
+    mgr = ClickHouseConnectionManager(cfg)
+    try:
+        mgr.start(wait=True, timeout=10)
+        for _ in range(3):  # pooled sockets the children must leave alone
+            assert mgr.execute("SELECT 1") == [(1,)]
+
+        def work() -> dict[str, Any]:
+            health = mgr.health()  # first thing in the child: before any execute()
+            metrics = mgr.metrics()
+            deps = mgr.validate_service_dependencies(timeout=30)
+            consistency = mgr.ensure_analytics_consistency(timeout=30)
+            rows = mgr.execute("SELECT 42")
+            reconnected = mgr.reconnect()["reconnected"]
+            mgr.close()
+            return {
+                "health": health["status"],
+                "probe_ok": all(r["ok"] for r in (health["probe"] or {"hosts": {}})["hosts"]
+                                .values()),
+                "errors": metrics["query_errors_total"],
+                "deps": deps["overall_status"],
+                "consistent": consistency["overall_consistent"],
+                "rows": rows,
+                "reconnected": reconnected,
+            }
+
+        results, hung = collect([fork_child(work) for _ in range(4)])
+        assert hung == 0
+        for result in results:
+            assert result == {
+                "health": "healthy", "probe_ok": True, "errors": 0, "deps": "passed",
+                "consistent": True, "rows": [[42]], "reconnected": True,
+            }, result
+        # The parent's pooled sockets survived four children and their close().
+        assert mgr.execute("SELECT 7") == [(7,)]
+        assert mgr.health()["status"] == "healthy"
+        assert mgr.metrics()["query_errors_total"] == 0
+    finally:
+        mgr.close()
+
+
+def test_forks_under_spool_load_never_hang_in_sqlite(clickhouse: Any, tmp_path: Any) -> None:
+    # The parent keeps SQLite busy (a writer and a reader thread) while it forks pairs of
+    # workers; each worker reads the spool's gauges, spools a batch and queries.
+    mgr = ClickHouseConnectionManager(make_config(clickhouse, spool_dir=str(tmp_path)))
+    spool = mgr.spool
+    assert spool is not None
+    stop = threading.Event()
+
+    def write_load() -> None:
+        n = 0
+        while not stop.is_set() and n < 20_000:
+            spool.store.put("`t`", ("x",), [(n,)] * 50, batch_id=f"load-{n}")
+            n += 1
+
+    def read_load() -> None:
+        while not stop.is_set():
+            spool.pending()
+            spool.health()
+
+    loaders = [threading.Thread(target=write_load), threading.Thread(target=read_load)]
+    for thread in loaders:
+        thread.start()
+
+    def work() -> dict[str, Any]:
+        pending = mgr.metrics()["pending_batches"]
+        spool.store.put("`t`", ("x",), [(1,)], batch_id=f"child-{os.getpid()}")
+        return {"pending": pending, "rows": mgr.execute("SELECT 1")}
+
+    try:
+        children = []
+        for _ in range(12):  # 24 workers, two forked at once each time
+            children += [fork_child(work), fork_child(work)]
+            time.sleep(0.01)
+        results, hung = collect(children)
+    finally:
+        stop.set()
+        for thread in loaders:
+            thread.join(30)
+        mgr.close()
+    assert hung == 0, f"{hung} of 24 forked workers hung"
+    assert all(r.get("rows") == [[1]] for r in results), results[:3]
+    store = ClickHouseConnectionManager(make_config(clickhouse, spool_dir=str(tmp_path)))
+    try:
+        assert store.spool is not None
+        ids = {b for b in _batch_ids(store)}
+        assert sum(i.startswith("child-") for i in ids) == 24  # every child's batch stored
+    finally:
+        store.close()
+
+
+def _batch_ids(mgr: ClickHouseConnectionManager) -> list[str]:
+    assert mgr.spool is not None
+    ids = []
+    while True:
+        batch = mgr.spool.store.claim(lease_seconds=60)
+        if batch is None:
+            return ids
+        ids.append(batch.batch_id)
+        mgr.spool.store.ack(batch)

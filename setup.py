@@ -35,6 +35,7 @@ setup(
             "hypothesis>=6.80,<7",
             "PyYAML>=6,<7",
             "waitress>=2.1,<4",
+            "gunicorn>=21,<24",
         ],
         "bench": ["clickhouse-pool>=0.5.3,<0.6"],
         "dev": ["ruff>=0.5", "mypy>=1.8", "tox>=4,<5"],

@@ -20,6 +20,7 @@ from typing import Any, Callable, Optional, TypeVar, cast
 
 import structlog
 
+from . import fork
 from .config import CircuitBreakerConfig
 from .errors import CircuitOpenError, classify, counts_for_breaker, describe
 
@@ -82,6 +83,7 @@ class CircuitBreaker:
         self._failures = self._opens = self._in_flight = self._trial_successes = 0
         self._last_error: BaseException | None = None
         self._opened_at = self._changed_at = clock()
+        fork.register(self)
 
     def acquire(self) -> Permit:
         """A permit for one call; raises :class:`CircuitOpenError` when refused."""

@@ -11,6 +11,7 @@ import threading
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
+from . import fork
 from .config import Config
 from .manager import ClickHouseConnectionManager
 
@@ -76,6 +77,18 @@ class ResilientClient:
 
 _lock = threading.Lock()
 _client: ResilientClient | None = None
+
+
+class _ClientLock:
+    """Re-creates the process-wide client's lock in a forked child (see chresilient.fork)."""
+
+    def after_fork_in_child(self) -> None:
+        global _lock
+        _lock = threading.Lock()
+
+
+_FORK_HOOK = _ClientLock()
+fork.register(_FORK_HOOK)
 
 
 def get_clickhouse_client(config: Config | None = None) -> ResilientClient:

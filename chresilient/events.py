@@ -7,11 +7,14 @@ service: adding one means adding a listener, not an import.
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import threading
 from typing import Any, Callable
 
 import structlog
+
+from . import fork
 
 log = structlog.get_logger("chresilient.events")
 
@@ -41,6 +44,7 @@ class Events:
         self._lock = threading.Lock()
         # Copy-on-write tuples: fire() reads without a lock.
         self._listeners: dict[Event, tuple[Listener, ...]] = {}
+        fork.register(self)
 
     def listen(self, event: Event, listener: Listener) -> None:
         with self._lock:
@@ -65,8 +69,9 @@ class Events:
         for listener in self._listeners.get(event, ()):
             try:
                 listener(**payload)
-            except Exception as exc:
-                log.warning("event_listener_failed", event=event.value, error=repr(exc))
+            except Exception as exc:  # the call that fired must not fail for a listener
+                with contextlib.suppress(Exception):
+                    log.warning("event_listener_failed", published=event.value, error=repr(exc))
 
     def after_fork_in_child(self) -> None:
         self._lock = threading.Lock()

@@ -32,7 +32,7 @@ from .errors import (
 from .events import Event, Events
 from .hosts import HostSelector, HostState
 from .metrics import Metrics
-from .retry import CallStats, RetryBudget, RetryPolicy, call_with_retry
+from .retry import CallStats, Deadline, RetryBudget, RetryPolicy, call_with_retry
 from .state import ConnectionStatus
 from .statement import (
     Statement,
@@ -86,8 +86,8 @@ class Executor:
     ) -> Any:
         """``Client.execute`` on a pooled connection, settings fitted to its server."""
 
-        def body(host: HostState, timeout: float) -> Any:
-            with host.pool.connection(timeout) as conn:
+        def body(host: HostState, timeout: float, deadline: Deadline) -> Any:
+            with host.pool.connection(timeout, deadline) as conn:
                 return conn.client.execute(
                     query,
                     params,
@@ -116,19 +116,21 @@ class Executor:
     def call(self, run: Callable[[PooledConnection], T], statement: Statement) -> T:
         """``run(connection)`` under retry, breaker and failover."""
 
-        def body(host: HostState, timeout: float) -> T:
-            with host.pool.connection(timeout) as conn:
+        def body(host: HostState, timeout: float, deadline: Deadline) -> T:
+            with host.pool.connection(timeout, deadline) as conn:
                 return run(conn)
 
         return self.call_on_host(body, statement)
 
     def call_on_host(
         self,
-        body: Callable[[HostState, float], T],
+        body: Callable[[HostState, float, Deadline], T],
         statement: Statement,
         tried: list[HostState] | None = None,
     ) -> T:
-        """``body(host, timeout)`` under retry, breaker and failover; ``tried`` collects
+        """``body(host, timeout, deadline)`` under retry, breaker and failover: ``timeout``
+        bounds the attempt's network operations, ``deadline`` the whole call (the wait for a
+        pooled connection included); ``tried`` collects
         the hosts the call went to."""
         tried = [] if tried is None else tried
         metrics = self.metrics
@@ -138,13 +140,15 @@ class Executor:
             failover = functools.partial(self.selector.untried_left, self.hosts, tried)
         stats = CallStats()
         started = time.perf_counter()
+        deadline = Deadline(self.policy.total_timeout)
         try:
             result = call_with_retry(
-                lambda timeout: self._attempt(body, timeout, tried),
+                lambda timeout: self._attempt(body, timeout, tried, deadline),
                 policy=self.policy,
                 statement=statement,
                 budget=self.budget,
                 sleep=self._sleep,
+                deadline=deadline,
                 stats=stats,
                 failover=failover,
             )
@@ -170,10 +174,12 @@ class Executor:
         connection, since the server may still be sending.
         """
 
-        def open_stream(host: HostState, timeout: float) -> tuple[ExitStack, Iterator[Any], Any]:
+        def open_stream(
+            host: HostState, timeout: float, deadline: Deadline
+        ) -> tuple[ExitStack, Iterator[Any], Any]:
             stack = ExitStack()
             try:
-                conn = stack.enter_context(host.pool.connection(timeout))
+                conn = stack.enter_context(host.pool.connection(timeout, deadline))
                 rows = start(conn)
                 first = next(rows, _END)
             except BaseException as exc:
@@ -190,10 +196,9 @@ class Executor:
         self, stack: ExitStack, rows: Iterator[Any], first: Any, host: HostState
     ) -> Iterator[Any]:
         try:
-            if first is _END:
-                return
-            yield first
-            yield from rows
+            if first is not _END:
+                yield first
+                yield from rows
         except GeneratorExit:
             stack.__exit__(GeneratorExit, GeneratorExit(), None)
             raise
@@ -210,7 +215,11 @@ class Executor:
 
     # -- one attempt --------------------------------------------------------------------
     def _attempt(
-        self, body: Callable[[HostState, float], T], timeout: float, tried: list[HostState]
+        self,
+        body: Callable[[HostState, float, Deadline], T],
+        timeout: float,
+        tried: list[HostState],
+        deadline: Deadline,
     ) -> T:
         host, permit = self.choose(tried)
         if tried and tried[-1] is not host:
@@ -218,7 +227,7 @@ class Executor:
             log.info("clickhouse_failover", from_host=tried[-1].label, to_host=host.label)
         tried.append(host)
         try:
-            result = body(host, timeout)
+            result = body(host, timeout, deadline)
         except BaseException as exc:
             host.count(failed=True)
             host.breaker.record(permit, exc)

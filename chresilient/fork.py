@@ -39,6 +39,29 @@ def register(obj: ForkAware) -> None:
         _participants[obj] = _order
 
 
+def reinit_event(event: threading.Event) -> None:
+    """Make an inherited ``threading.Event`` usable in the child, keeping its flag.
+
+    A parent thread waiting on it or setting it at fork time leaves its internal lock
+    held in the child; CPython re-creates that lock for its own events the same way.
+    """
+    event._at_fork_reinit()  # type: ignore[attr-defined]
+
+
+def _reinit_log_locks() -> None:
+    """structlog's PrintLogger keeps one lock per output file and does not reset it in a
+    child: a parent thread logging at fork time would make every log call in the child
+    wait forever (the stdlib's logging module resets its own handler locks)."""
+    try:
+        from structlog import _output
+    except ImportError:  # pragma: no cover - structlog changed its layout
+        return
+    for lock in list(getattr(_output, "WRITE_LOCKS", {}).values()):
+        reinit = getattr(lock, "_at_fork_reinit", None)
+        if reinit is not None:
+            reinit()
+
+
 def _in_order() -> list[ForkAware]:
     return [obj for obj, _ in sorted(_participants.items(), key=lambda item: item[1])]
 
@@ -66,6 +89,7 @@ def _after_fork_in_parent() -> None:
 def _after_fork_in_child() -> None:
     global _lock
     _lock = threading.Lock()  # the parent may have held it at fork time
+    _reinit_log_locks()
     _call(_in_order(), "after_fork_in_child")
 
 

@@ -15,6 +15,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Callable, Protocol, TypeVar
 
+from . import fork
 from .breaker import CircuitBreaker, CircuitState
 from .config import Config
 from .config_values import format_host
@@ -98,6 +99,9 @@ class HostState:
     queries_total: int = 0
     errors_total: int = 0
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def __post_init__(self) -> None:
+        fork.register(self)
 
     @property
     def label(self) -> str:

@@ -168,16 +168,13 @@ class ClickHouseConnectionManager:
             raise ClientClosedError("the ClickHouse connection manager is closed")
 
     def after_fork_in_child(self) -> None:
-        """In a forked child (gunicorn --preload): new pools and locks at once, so no path
-        (query, health, metrics, checks) can touch the parent's sockets or wait for a lock
-        a parent thread held; threads restart on first use."""
+        """In a forked child (gunicorn --preload): every part registered with the fork
+        registry has replaced its pools and locks already, so no path (query, health,
+        metrics, checks) touches the parent's sockets or waits for a parent thread's lock;
+        the threads restart on first use."""
         self._lock = threading.Lock()
-        for part in (self.events, self.status, self.metrics_registry, self.budget, self.monitor):
-            part.after_fork_in_child()
-        for host in self.hosts:
-            host.breaker.after_fork_in_child()
-            host.after_fork_in_child()
-        self._forked = True
+        fork.reinit_event(self._closing)
+        self._forked = True  # its parts (hosts, breakers, status, services) repair themselves
 
     def _restart_after_fork(self) -> None:
         if not self._forked:

@@ -7,6 +7,8 @@ import threading
 import time
 from typing import Any
 
+from . import fork
+
 # Upper bounds (seconds) of the query duration histogram, Prometheus' defaults stretched
 # to the retry deadlines a call can reach.
 DURATION_BUCKETS = (
@@ -61,6 +63,7 @@ class Metrics:
         # One slot per bucket plus +Inf; not cumulative (the exposition sums them).
         self._duration_counts = [0] * (len(DURATION_BUCKETS) + 1)
         self._duration_sum = 0.0
+        fork.register(self)
 
     def incr(self, name: str, value: int = 1) -> None:
         with self._lock:

@@ -98,10 +98,9 @@ class HostPool:
         return format_host(*self.address)
 
     def _bound(self) -> float:
-        """The time left of the checkout in progress on this thread (ping, connect)."""
-        deadline: Deadline | None = getattr(self._local, "deadline", None)
-        limit = self.cfg.retry.timeout_per_attempt
-        return limit if deadline is None else deadline.bound(limit)
+        """The time left of the attempt in progress on this thread (ping, connect)."""
+        clock: AttemptClock | None = getattr(self._local, "attempt", None)
+        return self.cfg.retry.timeout_per_attempt if clock is None else clock.remaining()
 
     def _create(self) -> PooledConnection:
         self.stats.bump(connect_attempts=1)
@@ -182,22 +181,29 @@ class HostPool:
 
     # -- use --------------------------------------------------------------------------
     @contextmanager
-    def connection(self, timeout: float) -> Iterator[PooledConnection]:
-        """Check out a live connection bounded by ``timeout``; discard it if the body fails.
+    def connection(
+        self, timeout: float, deadline: Deadline | None = None
+    ) -> Iterator[PooledConnection]:
+        """Check out a live connection; discard it if the body fails.
 
-        A connection is returned to the pool only when the body finished cleanly.
+        The wait for a free connection is bounded by ``pool_timeout`` and by the call's
+        ``deadline`` (or by ``timeout`` without one); everything after it (a ping of an
+        idle connection, a reconnect, the body's socket operations) by ``timeout`` and
+        what is left of the deadline. A connection is returned to the pool only when the
+        body finished cleanly.
         """
-        deadline = Deadline(timeout)
         pool = self._pool  # a connection checked out of a replaced pool is not pooled again
-        wait = min(self.cfg.pool.connection_timeout, timeout)
-        self._local.deadline = deadline
+        left = timeout if deadline is None else max(deadline.remaining(), 0.001)
+        wait = min(self.cfg.pool.connection_timeout, left)
+        clock = AttemptClock(timeout, deadline)
+        self._local.attempt = clock
         try:
             fairy = pool.connect_within(wait)
         except sa_exc.TimeoutError as err:
             raise PoolTimeoutError(
                 f"no free connection to {self.label} within {wait:.1f}s "
-                f"(pool_timeout={self.cfg.pool.connection_timeout:.1f}s, the attempt's "
-                f"bound {timeout:.1f}s; pool_size={self.cfg.pool.pool_size}, "
+                f"(pool_timeout={self.cfg.pool.connection_timeout:.1f}s, or what the call's "
+                f"deadline had left; pool_size={self.cfg.pool.pool_size}, "
                 f"max_connections={self.cfg.pool.max_connections})"
             ) from err
         except sa_exc.InvalidRequestError as err:  # reconnect attempts exhausted on checkout
@@ -206,7 +212,7 @@ class HostPool:
             self._raise_if_closed(err)
             raise
         finally:
-            self._local.deadline = None
+            self._local.attempt = None
         conn: PooledConnection = fairy.dbapi_connection  # type: ignore[assignment]
         with self._busy_lock:
             closed = self._closed
@@ -217,7 +223,7 @@ class HostPool:
             raise ClientClosedError(f"the pool for {self.label} is closed")
         ok = False
         try:
-            conn.set_timeout(deadline.bound(timeout))
+            conn.set_timeout(clock.remaining())
             yield conn
             ok = True
         except Exception as err:
@@ -336,6 +342,25 @@ class HostPool:
         if victims:
             self.stats.bump(pruned=len(victims))
         return len(victims)
+
+
+class AttemptClock:
+    """An attempt's time bound, started when its network work starts (after the wait for a
+    free connection): ``timeout``, cut to what the call's deadline has left by then."""
+
+    __slots__ = ("_deadline", "_ends", "_timeout")
+
+    def __init__(self, timeout: float, deadline: Deadline | None) -> None:
+        self._timeout, self._deadline = timeout, deadline
+        self._ends: float | None = None
+
+    def remaining(self) -> float:
+        if self._ends is None:
+            limit = self._timeout
+            if self._deadline is not None:
+                limit = self._deadline.bound(limit)
+            self._ends = time.monotonic() + limit
+        return max(0.001, self._ends - time.monotonic())
 
 
 class CheckoutBoundPool(QueuePool):

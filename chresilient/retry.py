@@ -18,6 +18,7 @@ from typing import TypeVar
 
 import structlog
 
+from . import fork
 from .config import RetryConfig
 from .errors import (
     REFUSED_BEFORE_WRITE_CODES,
@@ -118,6 +119,7 @@ class RetryBudget:
         self._tokens = burst
         self._lock = threading.Lock()
         self.exhausted_total = 0
+        fork.register(self)
 
     def deposit(self) -> None:
         with self._lock:

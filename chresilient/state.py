@@ -13,6 +13,7 @@ import time
 
 import structlog
 
+from . import fork
 from .events import Event, Events
 
 log = structlog.get_logger("chresilient")
@@ -25,6 +26,12 @@ class ConnectionState(str, enum.Enum):
     UNHEALTHY = "unhealthy"  # nothing serves
     CLOSED = "closed"  # final
 
+    def __str__(self) -> str:  # "healthy" in logs, f-strings and templates, as before
+        return self.value
+
+    def __format__(self, spec: str) -> str:
+        return self.value.__format__(spec)
+
 
 class ConnectionStatus:
     """The state, the failure streak and the time of the last success."""
@@ -35,6 +42,7 @@ class ConnectionStatus:
         self._state = ConnectionState.CONNECTING
         self._failures = 0
         self.last_success_wall: float | None = None
+        fork.register(self)
 
     @property
     def state(self) -> ConnectionState:

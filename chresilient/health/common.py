@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import socket
 import threading
 import time
 from collections.abc import Mapping
@@ -37,6 +39,44 @@ def scrub(value: Any, secret: str) -> Any:
     if isinstance(value, (list, tuple)):
         return [scrub(v, secret) for v in value]
     return value
+
+
+class Cancellation:
+    """Ends a check blocked on a socket: :meth:`cancel` marks the check cancelled and shuts
+    down the sockets of the driver clients it registered (a frozen server would otherwise
+    hold the check for its whole timeout after the manager closed)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._clients: set[Any] = set()
+        self._cancelled = False
+
+    def __call__(self) -> bool:
+        return self._cancelled
+
+    def track(self, client: Any) -> None:
+        with self._lock:
+            self._clients.add(client)
+        if self._cancelled:
+            self.cancel()
+
+    def untrack(self, client: Any) -> None:
+        with self._lock:
+            self._clients.discard(client)
+
+    def cancel(self) -> None:
+        with self._lock:
+            self._cancelled = True
+            clients = list(self._clients)
+        for client in clients:
+            sock = getattr(client.connection, "socket", None)
+            if sock is not None:
+                with contextlib.suppress(OSError):
+                    sock.shutdown(socket.SHUT_RDWR)
+
+    def after_fork_in_child(self) -> None:
+        self._lock = threading.Lock()
+        self._clients = set()
 
 
 class SingleFlight(Generic[T]):
@@ -112,6 +152,7 @@ class ReportCache:
         self._run = run
         self._flight: SingleFlight[Report] = SingleFlight(self._run_and_store, name)
         self.latest: Report | None = None
+        self.runs_total = 0  # checks actually run (requests that shared a run not counted)
         self.at_wall: float | None = None
         self._at: float | None = None
 
@@ -149,6 +190,7 @@ class ReportCache:
         self._flight.after_fork_in_child()
 
     def _run_and_store(self) -> Report:
+        self.runs_total += 1
         report = self._run()
         self.latest, self.at_wall, self._at = report, time.time(), time.monotonic()
         return report

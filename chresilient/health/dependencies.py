@@ -25,7 +25,7 @@ from ..errors import AUTH_CODES, UNKNOWN_DATABASE, describe, refusal_advice, ser
 from ..metrics import utc_iso
 from ..server import ServerInfo, is_lagging, read_replicas, replica_delay
 from ..statement import qualified
-from .common import Report, elapsed_ms
+from .common import Cancellation, Report, elapsed_ms
 from .docker import container_health
 
 HOST_CHECKS = (
@@ -55,12 +55,17 @@ class _Skipped(Exception):
     pass
 
 
-def validate_dependencies(cfg: Config) -> Report:
-    """The full report: ``overall_status``, ``checks``, ``recommendations``."""
+def validate_dependencies(cfg: Config, cancel: Cancellation | None = None) -> Report:
+    """The full report: ``overall_status``, ``checks``, ``recommendations``.
+
+    ``cancel`` (the monitor's, set when the manager closes) ends a run at once: the check
+    in progress has its socket shut down and the checks left are skipped.
+    """
+    cancel = cancel if cancel is not None else Cancellation()
     started = time.perf_counter()
     checks: list[dict[str, Any]] = []
     for address in cfg.hosts:
-        checks.extend(_HostValidation(cfg, address).run())
+        checks.extend(_HostValidation(cfg, address, cancel).run())
     container_started = time.perf_counter()
     container = container_health(cfg, cfg.health_probe_timeout)
     checks.append(
@@ -94,8 +99,9 @@ def validate_dependencies(cfg: Config) -> Report:
 class _HostValidation:
     """The checks for one host; later checks reuse what earlier ones established."""
 
-    def __init__(self, cfg: Config, address: HostPort) -> None:
+    def __init__(self, cfg: Config, address: HostPort, cancel: Cancellation) -> None:
         self.cfg = cfg
+        self.cancelled = cancel
         self.address = address
         self.label = format_host(*address)
         self.timeout = cfg.health_probe_timeout
@@ -114,6 +120,8 @@ class _HostValidation:
         ]
         try:
             for name, step in steps:
+                if self.cancelled():
+                    return out + [self._skip(n, "cancelled") for n in HOST_CHECKS[len(out) :]]
                 out.append(self._step(name, step))
                 if out[-1]["status"] != "passed":
                     reason = f"{name} did not pass"
@@ -124,9 +132,12 @@ class _HostValidation:
                 ("permissions_insert", self._permissions_insert),
                 ("replication", self._replication),
             ):
+                if self.cancelled():
+                    return out + [self._skip(n, "cancelled") for n in HOST_CHECKS[len(out) :]]
                 out.append(self._step(name, step))
         finally:
             if self.client is not None:
+                self.cancelled.untrack(self.client)
                 self.client.disconnect()
         return out
 
@@ -200,14 +211,19 @@ class _HostValidation:
 
     def _handshake(self) -> dict[str, Any]:
         client = make_client(self.cfg, self.address, self.timeout)
+        self.cancelled.track(client)
         try:
             client.connection.connect()
         except ServerException as exc:  # the server spoke the protocol, then refused us
+            self.cancelled.untrack(client)
             client.disconnect()
             self.hello_error = exc
             return {"answered": True, "server_error": describe(exc)}
         except Exception as exc:
+            self.cancelled.untrack(client)
             client.disconnect()
+            if self.cancelled():
+                raise _Failed("cancelled: the manager is closing") from exc
             if _speaks_http(self.sockaddrs[0], self.timeout):
                 raise _Failed(
                     f"{self.label} answers HTTP, not the native protocol",

@@ -26,6 +26,7 @@ from typing import Any, Callable
 import structlog
 from clickhouse_driver import Client
 
+from .. import fork
 from ..config import Config
 from ..connection import PooledConnection
 from ..errors import ErrorKind, classify, describe
@@ -34,7 +35,7 @@ from ..hosts import HostState
 from ..metrics import utc_iso
 from ..server import read_replica_delay
 from ..state import ConnectionState, ConnectionStatus
-from .common import Report, ReportCache, elapsed_ms
+from .common import Cancellation, Report, ReportCache, elapsed_ms
 from .consistency import check_consistency
 from .dependencies import validate_dependencies
 
@@ -65,12 +66,13 @@ class HealthMonitor:
         self.interval = cfg.pool.health_check_interval
         self.probe_timeout = min(cfg.health_probe_timeout, cfg.retry.timeout_per_attempt)
         self.consistency_interval = cfg.consistency_check_interval
+        self._cancel = Cancellation()  # ends a dependency check stuck on a socket at stop()
         self.probe = ReportCache(self._probe_all, "chresilient-probe")
         self.consistency = ReportCache(
             lambda: check_consistency(cfg, hosts, closed), "chresilient-consistency"
         )
         self.dependencies = ReportCache(
-            lambda: validate_dependencies(cfg), "chresilient-dependencies"
+            lambda: validate_dependencies(cfg, self._cancel), "chresilient-dependencies"
         )
         self.probes_total = 0
         self.probe_failures_total = 0
@@ -86,6 +88,7 @@ class HealthMonitor:
         self._open_backoff = OPEN_PROBE_FIRST
         # From now on it probes for recovery, so application calls need not.
         events.listen(Event.BREAKER_OPENED, lambda host, **_: self.wake())
+        fork.register(self)
 
     # -- BackgroundService --------------------------------------------------------------
     def start(self) -> None:
@@ -100,6 +103,7 @@ class HealthMonitor:
         has its socket shut down."""
         self._stopping.set()
         self._wake.set()
+        self._cancel.cancel()
         conn = self._inflight
         sock = None if conn is None else conn.connection.socket
         if sock is not None:
@@ -116,6 +120,9 @@ class HealthMonitor:
 
     def after_fork_in_child(self) -> None:
         """The parent's thread and checks do not exist here; start() starts new ones."""
+        fork.reinit_event(self._wake)
+        fork.reinit_event(self._stopping)
+        self._cancel.after_fork_in_child()
         self._thread = None
         self._inflight = None
         for cache in (self.probe, self.consistency, self.dependencies):

@@ -131,3 +131,49 @@ def batch_from_row(row: Sequence[Any]) -> SpooledBatch:
         last_error=err,
         payload=bytes(payload),
     )
+
+
+def summarize(
+    tables: Sequence[Sequence[Any]],
+    others: Sequence[Sequence[Any]],
+    *,
+    now: float,
+    header: dict[str, Any],
+    footer: dict[str, Any],
+) -> dict[str, Any]:
+    """The spool status report from per-(table, state) rows
+    ``(tbl, state, batches, rows, bytes, oldest created, leased)`` and other targets'
+    ``(target, batches, rows)``: counts only, never row contents."""
+    per_table: dict[str, dict[str, Any]] = {}
+    pending = failed = SpoolTotals(0, 0, 0)
+    oldest: float | None = None
+    in_flight = 0
+    for tbl, state, count, nrows, nbytes, created, leased in tables:
+        entry = per_table.setdefault(
+            tbl, {"pending_batches": 0, "pending_rows": 0, "failed_batches": 0}
+        )
+        if state == BatchState.PENDING:
+            entry.update(pending_batches=count, pending_rows=int(nrows))
+            pending = SpoolTotals(
+                pending.batches + count, pending.rows + int(nrows), pending.bytes + int(nbytes)
+            )
+            oldest = created if oldest is None else min(oldest, created)
+            in_flight += int(leased or 0)
+        else:
+            entry["failed_batches"] = count
+            failed = SpoolTotals(
+                failed.batches + count, failed.rows + int(nrows), failed.bytes + int(nbytes)
+            )
+    return {
+        **header,
+        "pending_batches": pending.batches,
+        "pending_rows": pending.rows,
+        "pending_bytes": pending.bytes,
+        "failed_batches": failed.batches,
+        "failed_rows": failed.rows,
+        "in_flight_batches": in_flight,
+        "oldest_pending_age": None if oldest is None else round(max(now - oldest, 0.0), 3),
+        **footer,
+        "tables": per_table,
+        "other_targets": {t: {"batches": c, "rows": int(r)} for t, c, r in others},
+    }

@@ -21,6 +21,7 @@ from typing import Any
 import structlog
 from clickhouse_driver import errors as driver_errors
 
+from .. import fork
 from ..errors import (
     CircuitOpenError,
     ClickHouseUnavailableError,
@@ -93,6 +94,7 @@ class SpoolReplayer:
         self.last_error_wall: float | None = None
         self.last_pass: ReplayReport | None = None
         self.last_delivery_wall: float | None = None
+        fork.register(self)
 
     # -- service ------------------------------------------------------------------------
     def start(self) -> None:
@@ -125,6 +127,8 @@ class SpoolReplayer:
     def after_fork_in_child(self) -> None:
         """The parent's thread does not exist here; start() starts a new one."""
         self._lock = threading.Lock()
+        fork.reinit_event(self._wake)
+        fork.reinit_event(self._stop)
         self._thread = None
 
     def wake(self) -> None:

@@ -38,6 +38,7 @@ from .records import (
     SpooledBatch,
     SpoolTotals,
     batch_from_row,
+    summarize,
 )
 from .sqlite import (
     BUSY_TIMEOUT,
@@ -408,44 +409,18 @@ class SpoolStore:
                 "ORDER BY seq DESC LIMIT 1",
                 (self.target,),
             ).fetchone() or (None,)
-        used = self.totals(all_targets=True)
-        per_table: dict[str, dict[str, Any]] = {}
-        pending = failed = SpoolTotals(0, 0, 0)
-        oldest: float | None = None
-        in_flight = 0
-        for tbl, state, count, nrows, nbytes, created, leased in tables:
-            entry = per_table.setdefault(
-                tbl, {"pending_batches": 0, "pending_rows": 0, "failed_batches": 0}
-            )
-            if state == PENDING:
-                entry.update(pending_batches=count, pending_rows=int(nrows))
-                pending = SpoolTotals(
-                    pending.batches + count, pending.rows + int(nrows), pending.bytes + int(nbytes)
-                )
-                oldest = created if oldest is None else min(oldest, created)
-                in_flight += int(leased or 0)
-            else:
-                entry["failed_batches"] = count
-                failed = SpoolTotals(
-                    failed.batches + count, failed.rows + int(nrows), failed.bytes + int(nbytes)
-                )
-        return {
-            "directory": self.directory,
-            "target": self.target,
-            "pending_batches": pending.batches,
-            "pending_rows": pending.rows,
-            "pending_bytes": pending.bytes,
-            "failed_batches": failed.batches,
-            "failed_rows": failed.rows,
-            "in_flight_batches": in_flight,
-            "oldest_pending_age": None if oldest is None else round(max(now - oldest, 0.0), 3),
-            "used_bytes": used.bytes,
-            "max_bytes": self.max_bytes,
-            "full_policy": self.full_policy,
-            "last_error": errors,
-            "tables": per_table,
-            "other_targets": {t: {"batches": c, "rows": int(r)} for t, c, r in others},
-        }
+        return summarize(
+            tables,
+            others,
+            now=now,
+            header={"directory": self.directory, "target": self.target},
+            footer={
+                "used_bytes": self.totals(all_targets=True).bytes,
+                "max_bytes": self.max_bytes,
+                "full_policy": self.full_policy,
+                "last_error": errors,
+            },
+        )
 
     def purge(self, *, confirm: bool = False, failed_only: bool = False) -> SpoolTotals:
         """Delete this target's batches (all, or only the set-aside ones). Needs ``confirm``."""

@@ -186,7 +186,7 @@ def settled_tcp_connections(client: Client, timeout: float = 5.0) -> int:
 
 
 def wait_until(
-    predicate: Callable[[], bool], timeout: float = 5.0, interval: float = 0.05, what: str = ""
+    predicate: Callable[[], bool], timeout: float = 15.0, interval: float = 0.05, what: str = ""
 ) -> None:
     """Poll `predicate` until true; fail the test after `timeout` seconds."""
     deadline = time.monotonic() + timeout

@@ -154,3 +154,63 @@ def test_no_session_state_leaks_between_32_threads(clickhouse: Any) -> None:
             thread.join(120)
         assert not any(t.is_alive() for t in threads)
     assert not wrong, wrong[:5]
+
+
+def test_a_restarted_server_is_seen_within_seconds_with_default_timings(
+    clickhouse_server: Any,
+) -> None:
+    # Defaults: health_check_interval 60 s, recovery_timeout 30 s. Before, an open breaker
+    # was probed every recovery_timeout / 2 = 15 s, so the backend answered 503 that long.
+    cfg = make_config(
+        clickhouse_server,
+        retry=RetryConfig(max_attempts=1, timeout_per_attempt=2.0, total_timeout=2.0),
+        breaker=CircuitBreakerConfig(failure_threshold=2),
+        pool=ConnectionPoolConfig(),
+        spool_enabled=False,
+    )
+    with ClickHouseConnectionManager(cfg) as mgr:
+        mgr.start(wait=True, timeout=10)
+        clickhouse_server.kill()
+        for _ in range(2):
+            with pytest.raises(ClickHouseUnavailableError):
+                mgr.execute("SELECT 1")
+        assert mgr.health()["status"] == "unhealthy"
+        time.sleep(1.0)
+        clickhouse_server.start()
+        back = time.monotonic()
+        wait_until(lambda: mgr.health()["status"] == "healthy", timeout=30, what="recovery")
+        took = time.monotonic() - back
+        assert took < 7.0, f"seen {took:.1f} s after ClickHouse answered (backoff cap 2 s)"
+        assert mgr.metrics()["queries_total"] == 2  # the monitor found it, not a call
+
+
+def test_an_empty_stream_gives_its_connection_back(clickhouse: Any) -> None:
+    with ClickHouseConnectionManager(make_config(clickhouse, spool_enabled=False)) as mgr:
+        assert mgr.execute("SELECT 1") == [(1,)]
+        before = mgr.metrics()
+        for _ in range(5):
+            assert list(mgr.execute_iter("SELECT 1 WHERE 0")) == []
+        after = mgr.metrics()
+        assert after["connection_attempts"] == before["connection_attempts"]
+        assert after["pool_invalidations"] == before["pool_invalidations"] == 0
+        assert after["pool_hits"] - before["pool_hits"] == 5
+
+
+def test_close_ends_a_dependency_check_stuck_on_a_frozen_server(clickhouse_server: Any) -> None:
+    cfg = make_config(clickhouse_server, health_probe_timeout=20.0, spool_enabled=False)
+    mgr = ClickHouseConnectionManager(cfg)
+    mgr.start(wait=True, timeout=10)
+    clickhouse_server.freeze()
+    try:
+        with pytest.raises(TimeoutError):
+            mgr.validate_service_dependencies(timeout=1.0)  # goes on in its own thread
+        assert any(t.name == "chresilient-dependencies" for t in threading.enumerate())
+        mgr.close()
+        wait_until(
+            lambda: not any(t.name.startswith("chresilient") for t in threading.enumerate()),
+            timeout=5.0,  # the check's own timeout is 20 s
+            what="the check to end with close()",
+        )
+    finally:
+        clickhouse_server.thaw()
+        mgr.close()

@@ -9,10 +9,12 @@ from __future__ import annotations
 import json
 import os
 import signal
+import sys
 import threading
 import time
 from typing import Any, Callable
 
+import structlog
 from helpers import make_config
 
 from chresilient import ClickHouseConnectionManager, ConnectionPoolConfig
@@ -160,3 +162,51 @@ def _batch_ids(mgr: ClickHouseConnectionManager) -> list[str]:
             return ids
         ids.append(batch.batch_id)
         mgr.spool.store.ack(batch)
+
+
+def test_forks_while_parent_threads_log_wake_and_check_never_hang(clickhouse: Any) -> None:
+    # Parent threads that log, wake the services and read health at the moment of fork()
+    # leave locks of structlog, of threading.Events and of the manager held in the child.
+    cfg = make_config(clickhouse, pool=ConnectionPoolConfig(health_check_interval=0.05))
+    mgr = ClickHouseConnectionManager(cfg)
+    log = structlog.get_logger("fork-test")
+    stop = threading.Event()
+    old_interval = sys.getswitchinterval()
+
+    def busy(action: Callable[[], Any]) -> None:
+        while not stop.is_set():
+            action()
+
+    assert mgr.spool is not None
+    actions: list[Callable[[], Any]] = [
+        lambda: log.info("parent_is_logging"),
+        mgr.spool.replayer.wake,
+        mgr.monitor.wake,
+        mgr.health,
+    ]
+    threads = [threading.Thread(target=busy, args=(a,)) for a in actions]
+    try:
+        mgr.start(wait=True, timeout=10)
+        sys.setswitchinterval(1e-5)  # switch threads often: fork lands inside more locks
+        for thread in threads:
+            thread.start()
+
+        def work() -> dict[str, Any]:
+            health = mgr.health()["status"]
+            rows = mgr.execute("SELECT 1")
+            mgr.close()
+            return {"health": health, "rows": rows}
+
+        children = []
+        for _ in range(20):
+            children.append(fork_child(work))
+            time.sleep(0.005)
+        results, hung = collect(children)
+    finally:
+        sys.setswitchinterval(old_interval)
+        stop.set()
+        for thread in threads:
+            thread.join(30)
+        mgr.close()
+    assert hung == 0, f"{hung} of 20 children hung"
+    assert all(r == {"health": "healthy", "rows": [[1]]} for r in results), results[:3]

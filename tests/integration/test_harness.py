@@ -95,7 +95,7 @@ def test_kill_then_restart_on_same_port(clickhouse_server: LocalClickHouse) -> N
 
     started = time.monotonic()
     s.restart()
-    assert time.monotonic() - started < 10
+    assert time.monotonic() - started < 30  # hang guard (a restart takes 1-2 s)
     assert (s.port, s.http_port) == (port, http_port)
     assert s.pid != old_pid
     assert client.execute("SELECT 1") == [(1,)]  # the driver reconnects by itself
@@ -119,7 +119,7 @@ def test_data_survives_kill_and_graceful_restart(clickhouse_server: LocalClickHo
     client.execute("SELECT 1")  # an idle connected client must not stall a graceful stop
     started = time.monotonic()
     s.restart()
-    assert time.monotonic() - started < 8
+    assert time.monotonic() - started < 30  # hang guard
     assert s.returncode is None and s.running
     assert s.query("SELECT count() FROM t") == [(3,)]
 
@@ -134,7 +134,7 @@ def test_freeze_times_out_and_thaw_recovers(clickhouse_server: LocalClickHouse) 
     started = time.monotonic()
     with pytest.raises((errors.SocketTimeoutError, *NETWORK_ERRORS)):
         client.execute("SELECT 1")
-    assert time.monotonic() - started < 6
+    assert time.monotonic() - started < 10  # hang guard: the 1 s timeouts ended it
 
     s.thaw()
     assert not s.frozen
@@ -148,7 +148,7 @@ def test_stop_while_frozen_is_bounded(clickhouse_server: LocalClickHouse) -> Non
     s.freeze()
     started = time.monotonic()
     s.stop(timeout=5)
-    assert time.monotonic() - started < 7
+    assert time.monotonic() - started < 20  # bounded: SIGKILL after the 5 s
     assert not s.running and pid is not None and not pid_alive(pid)
 
 
@@ -284,7 +284,7 @@ def test_proxy_refuse_fails_fast(fault_proxy: FaultProxy) -> None:
         socket.create_connection((fault_proxy.host, port), timeout=5)
     with pytest.raises(errors.NetworkError):
         fast_client(fault_proxy.host, port, timeout=5).execute("SELECT 1")
-    assert time.monotonic() - started < 1.0
+    assert time.monotonic() - started < 5.0  # refused at once, not timed out
     # Established connections are not affected by REFUSE.
     assert established.execute("SELECT 2") == [(2,)]
 
@@ -302,10 +302,10 @@ def test_proxy_reset_active_kills_in_flight_query(fault_proxy: FaultProxy) -> No
     started = time.monotonic()
     try:
         with pytest.raises(NETWORK_ERRORS):
-            proxied.execute("SELECT sleep(2)")
+            proxied.execute("SELECT sleep(3)")
     finally:
         timer.join(5)
-    assert time.monotonic() - started < 1.9  # failed mid-query, not after it finished
+    assert time.monotonic() - started < 2.5  # failed at the reset (0.3 s), not at 3 s
     # Still in PASS mode: the driver reconnects and the next query works.
     assert proxied.execute("SELECT 1") == [(1,)]
 
@@ -322,7 +322,7 @@ def test_proxy_reset_mode(fault_proxy: FaultProxy, client: Client) -> None:
         connected.execute("SELECT 1")  # ping fails, reconnect is reset at handshake
     with pytest.raises(NETWORK_ERRORS):
         fast_client(fault_proxy.host, fault_proxy.port, timeout=5).execute("SELECT 1")
-    assert time.monotonic() - started < 3
+    assert time.monotonic() - started < 10  # reset at once, not timed out (2 x 5 s)
 
     # Mid-stream: forward the handshake and part of the result, then reset.
     fault_proxy.reset(after_bytes=20_000)
@@ -362,7 +362,7 @@ def test_proxy_blackhole_times_out_then_recovers(fault_proxy: FaultProxy) -> Non
     started = time.monotonic()
     with pytest.raises((errors.SocketTimeoutError, *NETWORK_ERRORS)):
         proxied.execute("SELECT 1")
-    assert time.monotonic() - started < 6
+    assert time.monotonic() - started < 10  # hang guard: the 1 s timeouts ended it
 
     # Raw view: the connect succeeds, but nothing ever comes back.
     with socket.create_connection(fault_proxy.address, timeout=2) as sock:
@@ -386,7 +386,7 @@ def test_proxy_close_is_bounded(clickhouse: ClickHouseEndpoint) -> None:
             sock.sendall(b"x")
         started = time.monotonic()
         proxy.close()
-        assert time.monotonic() - started < 1.5
+        assert time.monotonic() - started < 5.0  # not the 30 s latency
         alive = [t.name for t in threading.enumerate() if t.name.startswith("faultproxy-")]
         assert alive == []
         assert port_refuses(proxy.host, proxy.port)

@@ -73,8 +73,16 @@ def test_routes_status_codes_and_content_types(mgr: Any) -> None:
             call(url + BASE).json()["dependency_validation"]["checked_at"]
             == (deps.json()["checked_at"])
         )
+        cache = mgr.monitor.dependencies
+        runs = cache.runs_total
+        time.sleep(1.1)  # older than what a refresh accepts
         fresh = call(url + BASE + "/dependencies?refresh=1").json()
-        assert fresh["checked_at"] >= deps.json()["checked_at"]
+        assert cache.runs_total == runs + 1 and fresh["checked_at"] > deps.json()["checked_at"]
+        # Refreshes right behind it (a wave of queued requests) share that run.
+        for _ in range(3):
+            again = call(url + BASE + "/dependencies?refresh=1").json()
+            assert again["checked_at"] == fresh["checked_at"]
+        assert cache.runs_total == runs + 1
         analytics = call(url + BASE + "/analytics")
         assert analytics.status == 200 and analytics.json()["overall_consistent"] is True
         assert call(url + "/nope").status == 404
@@ -116,7 +124,7 @@ def test_metrics_json_and_prometheus(
 ) -> None:
     for i in range(5):
         mgr.execute("SELECT %(i)s", {"i": i})
-    wait_until(lambda: mgr.monitor.probe.latest is not None, timeout=3, what="a probe")
+    wait_until(lambda: mgr.monitor.probe.latest is not None, timeout=15, what="a probe")
     with serve(health_wsgi_app(mgr)) as url:
         data = call(url + BASE + "/metrics").json()
         for key in (
@@ -236,13 +244,13 @@ def test_monitor_checks_consistency_and_health_degrades(clickhouse: Any) -> None
         mgr.start(wait=True, timeout=10)
         wait_until(
             lambda: mgr.monitor.consistency.latest is not None,
-            timeout=3,
+            timeout=15,
             what="the monitor's first consistency check",
         )
         first = mgr.monitor.consistency.at_wall
         wait_until(
             lambda: mgr.monitor.consistency.at_wall != first,
-            timeout=3,
+            timeout=15,
             what="a second consistency check",
         )
         with serve(health_wsgi_app(mgr)) as url:
@@ -286,7 +294,7 @@ def test_password_never_leaks(
             started = time.monotonic()
             with pytest.raises(StartupError, match="authentication") as failure:
                 bad.start(wait=True, timeout=30)
-            assert time.monotonic() - started < 2.0
+            assert time.monotonic() - started < 10  # at once, not after the 30 s wait
             texts += [str(failure.value), repr(failure.value), repr(bad.config)]
             for app_mgr in (good, bad):
                 with serve(health_wsgi_app(app_mgr, reconnect_token=TOKEN)) as url:
@@ -309,7 +317,7 @@ def test_password_never_leaks(
                         ).text
                     )
                     clickhouse_server.kill() if app_mgr is good else None
-                    wait_until(lambda m=app_mgr: m.health()["status"] == "unhealthy", timeout=3)
+                    wait_until(lambda m=app_mgr: m.health()["status"] == "unhealthy", timeout=15)
                     texts += [
                         call(url + BASE).text,
                         call(url + BASE + "/dependencies?refresh=1").text,
@@ -345,7 +353,7 @@ def test_flask_init_app(clickhouse: Any) -> None:
         assert "/ops" + BASE in rules
         with serve(app) as url:
             assert call(url + "/hello").text == "hi"
-            wait_until(lambda: call(url + "/ops" + BASE).status == 200, timeout=5)
+            wait_until(lambda: call(url + "/ops" + BASE).status == 200, timeout=15)
             assert call(url + "/ops" + BASE).json()["status"] == "healthy"
             assert call(url + "/ops" + BASE + "/ready").json()["ready"] is True
             prom = call(url + "/ops" + BASE + "/metrics?format=prometheus")

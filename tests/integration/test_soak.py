@@ -371,6 +371,6 @@ def test_soak_under_chaos_loses_nothing(
     if SOAK_SECONDS >= 40:
         kinds = {line.split()[1] for line in run.chaos.schedule}
         assert kinds == set(FAULT_KINDS), f"not every fault kind ran{summary}"
-    assert close_seconds < 2.0, summary
+    assert close_seconds < 10.0, summary  # hang guard
     assert fd_delta <= FD_SLACK, f"file descriptors leaked{summary}"
     assert thread_delta <= THREAD_SLACK, f"threads leaked: {threading.enumerate()}{summary}"

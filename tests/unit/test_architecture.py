@@ -148,7 +148,7 @@ def _defined_names(tree: ast.Module) -> set[str]:
 
 
 # The standard library's own "private" names that are its public API.
-STDLIB_PRIVATE = {"_exit"}
+STDLIB_PRIVATE = {"_exit", "_at_fork_reinit"}
 
 
 def _is_private(name: str) -> bool:

@@ -271,7 +271,7 @@ def test_block_policy_waits_for_space_then_gives_up(tmp_path: Path) -> None:
         started = time.monotonic()
         with pytest.raises(SpoolFullError):
             mgr.insert("t", rows, ["id", "s"])
-        assert 0.5 < time.monotonic() - started < 3.0
+        assert 0.5 < time.monotonic() - started < 10.0  # waited its 0.6 s; hang guard
         # Space freed while it waits (here: a purge) lets the insert through.
         threading.Timer(0.2, lambda: spool.purge(confirm=True)).start()
         assert mgr.insert("t", rows, ["id", "s"]).spooled

@@ -30,6 +30,7 @@ class Event(str, enum.Enum):
     CALL_SUCCEEDED = "call_succeeded"  # host: str
     RECOVERED = "recovered"  # previous_state: str (the connection state became healthy)
     CLOSING = "closing"  # (no arguments) the manager is closing
+    PROBED = "probed"  # state: str (the health monitor finished a round of probes)
 
 
 class Events:

@@ -25,6 +25,8 @@ from .health.status import connection_report
 from .hosts import HostState, all_busy, all_support, build_hosts
 from .ingest import Inserter, InsertResult, InsertTotals, open_spool
 from .metrics import Metrics
+from .observability.multiprocess import process_totals
+from .observability.prometheus import multiprocess_dir
 from .reports import Reports
 from .retry import Deadline
 from .spool import Spool
@@ -81,6 +83,8 @@ class ClickHouseConnectionManager:
             self.services.append(self.spool.replayer)
         self._inserter = Inserter(self.execute, self.metrics_registry, self.spool)
         self.reports = Reports(cfg, self.executor, self.monitor, self.spool)
+        if multiprocess_dir() is not None:  # gunicorn: totals over all workers, each round
+            self.events.listen(Event.PROBED, lambda **_: process_totals().publish(self.metrics()))
         fork.register(self)
 
     # -- lifecycle --------------------------------------------------------------------

@@ -63,6 +63,7 @@ class HealthMonitor:
         self._hosts = hosts
         self._status = status
         self._closed = closed
+        self._events = events
         self.interval = cfg.pool.health_check_interval
         self.probe_timeout = min(cfg.health_probe_timeout, cfg.retry.timeout_per_attempt)
         self.consistency_interval = cfg.consistency_check_interval
@@ -177,6 +178,7 @@ class HealthMonitor:
             if self._stopping.wait(0.02) or time.monotonic() > deadline:
                 return
         report = future.result()
+        self._events.fire(Event.PROBED, state=report["state"])
         for host in self._hosts:
             pruned = host.pool.prune()
             if pruned:

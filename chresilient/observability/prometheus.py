@@ -30,6 +30,7 @@ from prometheus_client.core import (
 from prometheus_client.registry import REGISTRY, Collector
 
 from ..metrics import SPOOL_COUNTERS
+from .multiprocess import process_totals
 
 BREAKER_STATES = {"closed": 0, "half_open": 1, "open": 2}
 CONNECTION_STATES = ("connecting", "healthy", "degraded", "unhealthy", "closed")
@@ -291,10 +292,22 @@ def exposition(source: MetricsSource) -> tuple[bytes, str]:
         from prometheus_client.multiprocess import MultiProcessCollector
 
         MultiProcessCollector(registry, path=path)  # type: ignore[no-untyped-call]
-        registry.register(ManagerCollector(source, {"pid": str(os.getpid())}))
+        metrics = source.metrics()
+        process_totals().publish(metrics)  # so the sums include this worker's latest
+        registry.register(ManagerCollector(_Fixed(metrics), {"pid": str(os.getpid())}))
     else:
         registry.register(ManagerCollector(source))
     return generate_latest(registry), CONTENT_TYPE_LATEST
+
+
+class _Fixed:
+    """A source that answers with metrics already read (one read per scrape)."""
+
+    def __init__(self, metrics: dict[str, Any]) -> None:
+        self._metrics = metrics
+
+    def metrics(self) -> dict[str, Any]:
+        return self._metrics
 
 
 def register_collector(

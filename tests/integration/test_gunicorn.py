@@ -92,12 +92,13 @@ def test_gunicorn_preload_workers_through_an_outage(clickhouse_server: Any, tmp_
     accepted: list[int] = []
     problems: list[str] = []
     health_seen: dict[str, int] = {}
+    spooled = [0]
     stop = threading.Event()
     lock = threading.Lock()
 
     def post(n_thread: int) -> None:
         n = 0
-        while not stop.is_set() and n < 2000:
+        while not stop.is_set() and n < 50_000:  # bounded in count; stop ends it first
             ids = [n_thread * 1_000_000 + n + i for i in range(5)]
             n += 5
             try:
@@ -111,6 +112,7 @@ def test_gunicorn_preload_workers_through_an_outage(clickhouse_server: Any, tmp_
             with lock:
                 if status == 202:
                     accepted.extend(ids)
+                    spooled[0] += bool(json.loads(body)["spooled"])
                 else:
                     problems.append(f"POST /events: {status} {body[:200]!r}")
             time.sleep(0.01)
@@ -148,6 +150,7 @@ def test_gunicorn_preload_workers_through_an_outage(clickhouse_server: Any, tmp_
         assert not any(t.is_alive() for t in threads), "a client thread hangs"
         assert not problems, problems[:5]
         assert health_seen.get("unhealthy", 0) > 0 and health_seen.get("healthy", 0) > 0
+        assert spooled[0] > 0  # some events arrived while ClickHouse was down
         # No row lost: the workers' spools drain into ClickHouse.
         client = server.client(connect_timeout=5, send_receive_timeout=30)
         query = "SELECT uniqExact(id), count() FROM events"
@@ -156,7 +159,8 @@ def test_gunicorn_preload_workers_through_an_outage(clickhouse_server: Any, tmp_
         )
         stored = {row[0] for row in client.execute("SELECT id FROM events")}
         assert stored == set(accepted) and len(accepted) > 100
-        print(f"accepted {len(accepted)} events, health answers {health_seen}")
+        print(f"accepted {len(accepted)} events ({spooled[0]} requests spooled), "
+              f"health answers {health_seen}")
         # Every worker reports healthy again, each from its own connections.
         wait_until(
             lambda: (lambda s: len(s) == WORKERS and set(s.values()) == {"healthy"})(
@@ -165,6 +169,17 @@ def test_gunicorn_preload_workers_through_an_outage(clickhouse_server: Any, tmp_
             timeout=30,
             what="every worker healthy",
         )
+        # Totals over all workers: whichever worker answers the scrape sums every process
+        # that runs a manager (the workers, and the master that built the app: --preload).
+        wait_until(
+            lambda: _totals(base)["chresilient_all_workers_rows_inserted_total"]
+            >= len(accepted),
+            timeout=30,
+            what="the summed inserted rows",
+        )
+        totals = _totals(base)
+        assert totals["chresilient_all_workers_healthy"] >= WORKERS
+        assert totals["chresilient_all_workers_queries_total"] > totals["chresilient_queries_total"]
     finally:
         stop.set()
         os.killpg(proc.pid, signal.SIGTERM)
@@ -174,6 +189,20 @@ def test_gunicorn_preload_workers_through_an_outage(clickhouse_server: Any, tmp_
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait(10)
         log.close()
+
+
+def _totals(base: str) -> dict[str, float]:
+    """Unlabelled samples (the all-workers sums) plus the answering worker's query count."""
+    status, body = _request(base + "/health/clickhouse/metrics?format=prometheus")
+    assert status == 200
+    out: dict[str, float] = {}
+    for family in text_string_to_metric_families(body.decode()):
+        for sample in family.samples:
+            if sample.name.startswith("chresilient_all_workers_") or (
+                sample.name == "chresilient_queries_total"
+            ):
+                out[sample.name] = sample.value
+    return out
 
 
 def _is_up(base: str) -> bool:

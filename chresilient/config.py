@@ -237,7 +237,10 @@ class Config:
         check(bool(self.database), "database", "must not be empty")
         check(isinstance(self.secure, bool), "secure", "must be a boolean")
         check(isinstance(self.verify, bool), "verify", "must be a boolean")
-        object.__setattr__(self, "alt_hosts", parse_alt_hosts(self.alt_hosts, "alt_hosts"))
+        alt_port = SECURE_PORT if self.secure is True else PORT
+        object.__setattr__(
+            self, "alt_hosts", parse_alt_hosts(self.alt_hosts, "alt_hosts", alt_port)
+        )
         check(
             self.load_balancing in LOAD_BALANCING,
             "load_balancing",
@@ -393,7 +396,10 @@ def _config_from_env(cls: type[Config], env: Mapping[str, str]) -> Config:
             value = _env_value(env, var, parse)
             if value is not None:
                 top[name] = value
-    alt = _env_value(env, "CLICKHOUSE_ALT_HOSTS", parse_alt_hosts)
+    # Kept as text: Config parses it once it knows whether TLS sets the default port.
+    alt = _env_value(
+        env, "CLICKHOUSE_ALT_HOSTS", lambda v, n: tuple(p for p in v.split(",") if p.strip())
+    )
     if alt:
         top["alt_hosts"] = tuple(top.get("alt_hosts", ())) + alt
     for name, parse in (

@@ -5,6 +5,7 @@ Every function raises :class:`ConfigError` naming the field; none echoes a passw
 
 from __future__ import annotations
 
+import ipaddress
 import math
 import re
 from typing import Any, Callable
@@ -61,6 +62,13 @@ def valid_host(host: object, name: str) -> None:
     ok = isinstance(host, str) and bool(host)
     ok = ok and not any(c.isspace() or c in "/@?#,[]" for c in str(host))
     check(ok, name, f"bad host {host!r}")
+    if ":" in str(host):  # only an IPv6 address has colons; host:port goes in two fields
+        try:
+            ipaddress.IPv6Address(str(host))
+        except ValueError:
+            raise ConfigError(
+                name, f"bad host {host!r}: give the port separately (port, CLICKHOUSE_PORT)"
+            ) from None
 
 
 def valid_port(port: object, name: str) -> None:
@@ -102,7 +110,7 @@ def parse_bool(text: str, name: str) -> bool:
     raise ConfigError(name, f"expected true/false, got {text!r}")
 
 
-def parse_alt_hosts(value: Any, name: str) -> tuple[HostPort, ...]:
+def parse_alt_hosts(value: Any, name: str, default_port: int = PORT) -> tuple[HostPort, ...]:
     if isinstance(value, str):
         items: list[Any] = [part for part in value.split(",") if part.strip()]
     else:
@@ -113,7 +121,7 @@ def parse_alt_hosts(value: Any, name: str) -> tuple[HostPort, ...]:
     hosts = []
     for item in items:
         if isinstance(item, str):
-            hosts.append(parse_host_port(item, name, 9000))
+            hosts.append(parse_host_port(item, name, default_port))
         elif (
             isinstance(item, (tuple, list))
             and len(item) == 2
@@ -175,8 +183,27 @@ def url_fields(url: str) -> dict[str, Any]:
             fields["password"] = unquote(password)
     hosts = [h for h in netloc.split(",")] if netloc else []
     check(bool(hosts) and all(h.strip() for h in hosts), "url", "missing host")
+    database = unquote(path.strip("/"))
+    if database:
+        check("/" not in database, "url", f"bad database name {database!r}")
+        fields["database"] = database
+    alt_texts: list[str] = []
+    for key, value in parse_qsl(query, keep_blank_values=True, strict_parsing=False):
+        parser = URL_PARAMS.get(key)
+        check(
+            parser is not None,
+            f"url parameter {key!r}",
+            f"unknown; known: {', '.join(sorted(URL_PARAMS))}",
+        )
+        assert parser is not None
+        if key == "alt_hosts":  # parsed below, once ?secure= is known
+            alt_texts.append(value)
+        else:
+            fields[key] = parser(value, f"url parameter {key!r}")
+    # A host without a port gets the native protocol's: 9440 with TLS (the scheme or
+    # ?secure=true), else 9000.
+    default_port = SECURE_PORT if fields["secure"] else PORT
     try:
-        default_port = SECURE_PORT if fields["secure"] else PORT
         parsed = [parse_host_port(h, "url", default_port) for h in hosts]
     except ConfigError:
         # Never quote the host part of a URL: in 'clickhouse://user:secret' (no '@') the
@@ -188,23 +215,8 @@ def url_fields(url: str) -> dict[str, Any]:
         ) from None
     fields["host"], fields["port"] = parsed[0]
     alt = list(parsed[1:])
-    database = unquote(path.strip("/"))
-    if database:
-        check("/" not in database, "url", f"bad database name {database!r}")
-        fields["database"] = database
-    for key, value in parse_qsl(query, keep_blank_values=True, strict_parsing=False):
-        parser = URL_PARAMS.get(key)
-        check(
-            parser is not None,
-            f"url parameter {key!r}",
-            f"unknown; known: {', '.join(sorted(URL_PARAMS))}",
-        )
-        assert parser is not None
-        parsed_value = parser(value, f"url parameter {key!r}")
-        if key == "alt_hosts":
-            alt.extend(parsed_value)
-        else:
-            fields[key] = parsed_value
+    for text in alt_texts:
+        alt.extend(parse_alt_hosts(text, "url parameter 'alt_hosts'", default_port))
     if alt:
         fields["alt_hosts"] = tuple(alt)
     del fragment

@@ -9,6 +9,7 @@ from __future__ import annotations
 import enum
 import socket
 import ssl
+from typing import Any
 
 from clickhouse_driver import errors as driver_errors
 
@@ -21,6 +22,18 @@ class ChResilientError(driver_errors.Error):  # type: ignore[misc]
 
     def __str__(self) -> str:
         return str(self.message)
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # Subclasses take other constructor arguments than their args: rebuild from the
+        # state, so the errors cross process boundaries (multiprocessing, pickle).
+        return (_rebuild, (type(self), self.args, dict(self.__dict__)))
+
+
+def _rebuild(cls: type[ChResilientError], args: tuple[Any, ...], state: dict[str, Any]) -> Any:
+    error = cls.__new__(cls)
+    Exception.__init__(error, *args)
+    error.__dict__.update(state)
+    return error
 
 
 class ConfigError(ChResilientError, ValueError):

@@ -110,7 +110,7 @@ class Executor:
             sets = settings_for_server(settings, conn.features)
             return iter(conn.client.execute_iter(query, params, settings=sets, **driver_kwargs))
 
-        refuse_session_change(query_verb(query))
+        refuse_session_change(query_verb(query), query)
         return self.stream(start, Statement(is_write=is_write_query(query, params)))
 
     def call(self, run: Callable[[PooledConnection], T], statement: Statement) -> T:
@@ -268,12 +268,14 @@ class Executor:
     def reconnect(self) -> dict[str, Any]:
         """Drop every pooled connection, reset the breakers and check each host once."""
         results: dict[str, dict[str, Any]] = {}
+        deadline = Deadline(self.policy.total_timeout)  # all hosts together
         for host in self.hosts:
             host.pool.recreate()
             host.breaker.reset()
             started = time.monotonic()
             try:
-                with host.pool.connection(self.policy.timeout_per_attempt) as conn:
+                bound = deadline.bound(self.policy.timeout_per_attempt)
+                with host.pool.connection(bound, deadline) as conn:
                     conn.client.execute("SELECT 1")
                 results[host.label] = {"ok": True, "seconds": round(time.monotonic() - started, 4)}
                 self.status.succeeded()

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import threading
-import time
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any, Callable, TypeVar
 
@@ -17,7 +16,7 @@ import structlog
 
 from . import fork
 from .config import Config
-from .errors import ClickHouseUnavailableError, ClientClosedError, StartupTimeoutError
+from .errors import ClickHouseUnavailableError, ClientClosedError
 from .events import Event, Events
 from .executor import Executor
 from .health.monitor import HealthMonitor
@@ -30,7 +29,7 @@ from .observability.prometheus import multiprocess_dir
 from .reports import Reports
 from .retry import Deadline
 from .spool import Spool
-from .startup import BackgroundService, wait_for_host
+from .startup import BackgroundService, StartupGate
 from .state import ConnectionState, ConnectionStatus
 from .statement import DEDUP_SETTING, Statement, TableName
 
@@ -63,6 +62,9 @@ class ClickHouseConnectionManager:
             closing=self._closing,
         )
         self.policy, self.budget = self.executor.policy, self.executor.budget
+        self.gate = StartupGate(
+            self.hosts, cfg, self.status, self._closing, self.policy.timeout_per_attempt
+        )
         # Background threads: started by start() once the gate passed (or gave up with
         # required=False), stopped by close().
         self.monitor = HealthMonitor(
@@ -98,18 +100,7 @@ class ClickHouseConnectionManager:
         """
         self._check_open()
         if wait:
-            try:
-                self.wait_until_ready(timeout)
-            except StartupTimeoutError:
-                if required:
-                    raise
-                self.status.started_degraded()
-                log.warning(
-                    "startup_degraded",
-                    timeout=timeout,
-                    target=self.config.safe_url(),
-                    retrying_every=self.monitor.interval,
-                )
+            self.gate.pass_or_degrade(timeout, required, retry_every=self.monitor.interval)
         with self._lock:
             if self.started:
                 return
@@ -119,19 +110,7 @@ class ClickHouseConnectionManager:
 
     def wait_until_ready(self, timeout: float) -> float:
         """Block until a host answers; returns the seconds waited. See :meth:`start`."""
-        started = time.monotonic()
-        host = wait_for_host(
-            self.hosts,
-            timeout=timeout,
-            attempt_timeout=self.policy.timeout_per_attempt,
-            user=self.config.user,
-            database=self.config.database,
-            target=self.config.safe_url(),
-            closing=self._closing,
-        )
-        host.breaker.reset()
-        self.status.succeeded()
-        return time.monotonic() - started
+        return self.gate.wait(timeout)
 
     def close(self) -> None:
         """Stop using ClickHouse: close every pooled connection. A second call is harmless."""

@@ -142,7 +142,9 @@ class HostPool:
         server = ServerInfo.of(dbapi_conn.connection)
         previous, self.server_info = self.server_info, server
         if previous is None or previous.revision != server.revision or not self.features:
-            # Once per host (and again after an upgrade): which optional features exist.
+            # Once per host (and again after an upgrade): which optional features exist,
+            # within what the attempt has left after the connect.
+            dbapi_conn.set_timeout(self._bound())
             self.features = detect_features(dbapi_conn.client, self.label)
         dbapi_conn.features = self.features
         self.stats.bump(connects=1)

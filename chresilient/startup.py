@@ -16,6 +16,7 @@ from typing import Protocol
 import structlog
 import tenacity
 
+from .config import Config
 from .errors import (
     ClientClosedError,
     StartupError,
@@ -25,6 +26,7 @@ from .errors import (
 )
 from .hosts import HostState
 from .retry import Deadline
+from .state import ConnectionStatus
 
 log = structlog.get_logger("chresilient")
 
@@ -41,6 +43,53 @@ class BackgroundService(Protocol):
     def start(self) -> None: ...
 
     def stop(self, timeout: float) -> None: ...
+
+
+class StartupGate:
+    """The gate of one manager: waits for a host, resets its breaker, reports success."""
+
+    def __init__(
+        self,
+        hosts: Sequence[HostState],
+        cfg: Config,
+        status: ConnectionStatus,
+        closing: threading.Event,
+        attempt_timeout: float,
+    ) -> None:
+        self._hosts, self._cfg, self._status = hosts, cfg, status
+        self._closing, self._attempt_timeout = closing, attempt_timeout
+
+    def wait(self, timeout: float) -> float:
+        """Block until a host answers; returns the seconds waited."""
+        started = time.monotonic()
+        host = wait_for_host(
+            self._hosts,
+            timeout=timeout,
+            attempt_timeout=self._attempt_timeout,
+            user=self._cfg.user,
+            database=self._cfg.database,
+            target=self._cfg.safe_url(),
+            closing=self._closing,
+        )
+        host.breaker.reset()
+        self._status.succeeded()
+        return time.monotonic() - started
+
+    def pass_or_degrade(self, timeout: float, required: bool, retry_every: float) -> None:
+        """:meth:`wait`; on timeout raise, or (``required=False``) start degraded: the
+        state says unhealthy and the health monitor keeps probing every ``retry_every``."""
+        try:
+            self.wait(timeout)
+        except StartupTimeoutError:
+            if required:
+                raise
+            self._status.started_degraded()
+            log.warning(
+                "startup_degraded",
+                timeout=timeout,
+                target=self._cfg.safe_url(),
+                retrying_every=retry_every,
+            )
 
 
 class _NotReady(Exception):

@@ -25,6 +25,11 @@ READ_VERBS = frozenset({"select", "with", "show", "describe", "desc", "exists", 
 
 TableName = Union[str, tuple[str, str]]
 # Statements that change the server-side session of the connection they run on.
+_TEMPORARY = re.compile(r"\s+temporary\b", re.I)
+TEMPORARY_ADVICE = (
+    "pass the data per call (execute(..., external_tables=[...])) or use a regular table "
+    "(ENGINE = Memory, dropped when done)"
+)
 SESSION_ADVICE = {
     "use": "pass the database in Config.database (CLICKHOUSE_DB) or qualify table names "
     "(db.table)",
@@ -40,15 +45,25 @@ def query_verb(query: str) -> str:
     return word.group(0).lower() if word else ""
 
 
-def refuse_session_change(verb: str) -> None:
-    """Raise :class:`SessionStateError` for ``USE`` and ``SET``: on a pooled connection
-    their effect would outlive the call and reach whoever uses the connection next."""
+def refuse_session_change(verb: str, query: str = "") -> None:
+    """Raise :class:`SessionStateError` for ``USE``, ``SET`` and temporary tables: on a
+    pooled connection their effect would outlive the call and reach whoever uses the
+    connection next."""
     advice = SESSION_ADVICE.get(verb)
+    what = verb.upper()
+    if advice is None and verb in ("create", "drop") and _is_temporary(query):
+        advice, what = TEMPORARY_ADVICE, f"{what} TEMPORARY TABLE"
     if advice is not None:
         raise SessionStateError(
-            f"{verb.upper()} changes the session of one pooled connection, whose next user "
+            f"{what} changes the session of one pooled connection, whose next user "
             f"is another caller; it was not sent: {advice}"
         )
+
+
+def _is_temporary(query: str) -> bool:
+    start = _LEADING_NOISE.match(query)
+    word = _FIRST_WORD.match(query, start.end() if start else 0)
+    return word is not None and _TEMPORARY.match(query, word.end()) is not None
 
 
 def is_write_query(query: str, params: Any) -> bool:
@@ -88,8 +103,8 @@ class Statement:
         """``dedup_supported()`` is asked only for a write that carries a token. Raises
         :class:`SessionStateError` for ``USE`` and ``SET``."""
         verb = query_verb(query)
-        if verb in SESSION_ADVICE:
-            refuse_session_change(verb)
+        if verb in SESSION_ADVICE or verb in ("create", "drop"):
+            refuse_session_change(verb, query)
         if not settings and params is None:  # the hot path: a plain query, no settings
             return READ if verb in READ_VERBS else WRITE
         is_write = isinstance(params, (list, tuple, types.GeneratorType)) or (

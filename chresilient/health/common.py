@@ -13,6 +13,8 @@ from typing import Any, Callable, Generic, TypeVar
 
 import structlog
 
+from .. import fork
+
 log = structlog.get_logger("chresilient.health")
 
 T = TypeVar("T")
@@ -96,6 +98,7 @@ class SingleFlight(Generic[T]):
         self._lock = threading.Lock()
         self._current: Future[T] | None = None
         self._thread: threading.Thread | None = None
+        fork.register(self)
 
     def submit(self) -> Future[T]:
         """The run in flight, or a new one."""
@@ -185,9 +188,6 @@ class ReportCache:
 
     def join(self, timeout: float) -> bool:
         return self._flight.join(timeout)
-
-    def after_fork_in_child(self) -> None:
-        self._flight.after_fork_in_child()
 
     def _run_and_store(self) -> Report:
         self.runs_total += 1

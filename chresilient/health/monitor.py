@@ -125,9 +125,7 @@ class HealthMonitor:
         fork.reinit_event(self._stopping)
         self._cancel.after_fork_in_child()
         self._thread = None
-        self._inflight = None
-        for cache in (self.probe, self.consistency, self.dependencies):
-            cache.after_fork_in_child()
+        self._inflight = None  # (the caches' single flights repair themselves)
 
     @property
     def running(self) -> bool:
@@ -152,7 +150,8 @@ class HealthMonitor:
             delay = self._next_delay()
 
     def _next_delay(self) -> float:
-        """The interval; while a breaker is not closed, a short backoff instead.
+        """The interval; while a breaker is not closed or the state is not healthy (the last
+        probes failed, or nothing answered yet), a short backoff instead.
 
         A probe is one cheap query (a refused connect while the server is down), so while
         a breaker is open the monitor probes from OPEN_PROBE_FIRST doubling up to
@@ -160,7 +159,8 @@ class HealthMonitor:
         instead of the application waiting out ``recovery_timeout``, and a server that
         stays down gets one connect every couple of seconds.
         """
-        if all(h.breaker.closed for h in self._hosts):
+        healthy = self._status.state is ConnectionState.HEALTHY
+        if healthy and all(h.breaker.closed for h in self._hosts):
             self._open_backoff = OPEN_PROBE_FIRST
             return self.interval
         # Below half the recovery timeout, so probes (which restart an open breaker's

@@ -2,7 +2,7 @@
 
 Each worker's manager lives in that worker, so a scrape sees the counters of the worker
 that answered. Here every process that runs a manager also writes its current totals into
-prometheus_client's multiprocess files as ``livesum`` gauges (``chresilient_all_workers_*``):
+prometheus_client's multiprocess files as ``livesum`` gauges (``chresilient_all_processes_*``):
 ``MultiProcessCollector`` then sums the live processes at every scrape, whichever worker
 answers. A process publishes at each of its monitor's rounds and at each scrape it serves;
 call ``prometheus_client.multiprocess.mark_process_dead(pid)`` in gunicorn's ``child_exit``
@@ -16,8 +16,12 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry, Gauge
 
+from .. import fork
+
 # metrics() key -> (family suffix, help, multiprocess mode). The spool is shared by the
-# workers of one directory, so its pending rows are the same for all: max, not a sum.
+# workers of one directory, so its pending rows are the same for all: the largest live
+# value, not a sum. "Processes": every process that runs a manager (with --preload, the
+# master that built the app counts too).
 TOTALS = {
     "queries_total": ("queries_total", "Calls through the managers of all workers.", "livesum"),
     "query_errors_total": ("query_errors_total", "Failed calls, all workers.", "livesum"),
@@ -29,7 +33,7 @@ TOTALS = {
     ),
     "spool_dropped_rows": ("spool_dropped_rows_total", "Rows dropped, all workers.", "livesum"),
     "checked_out": ("checked_out_connections", "Connections in use, all workers.", "livesum"),
-    "pending_rows": ("spool_pending_rows", "Rows waiting in the shared spool.", "max"),
+    "pending_rows": ("spool_pending_rows", "Rows waiting in the shared spool.", "livemax"),
 }
 
 
@@ -41,17 +45,21 @@ class WorkerTotals:
         self._lock = threading.Lock()
         self._gauges = {
             key: Gauge(
-                f"chresilient_all_workers_{suffix}", text, registry=registry,
+                f"chresilient_all_processes_{suffix}", text, registry=registry,
                 multiprocess_mode=mode,  # type: ignore[arg-type]
             )
             for key, (suffix, text, mode) in TOTALS.items()
         }
         self._healthy = Gauge(
-            "chresilient_all_workers_healthy",
+            "chresilient_all_processes_healthy",
             "Processes whose connection state is healthy.",
             registry=registry,
             multiprocess_mode="livesum",
         )
+        fork.register(self)
+
+    def after_fork_in_child(self) -> None:
+        self._lock = threading.Lock()
 
     def publish(self, metrics: dict[str, Any]) -> None:
         """Write this process's current values (from ``mgr.metrics()``)."""
@@ -63,6 +71,18 @@ class WorkerTotals:
 
 _process_totals: WorkerTotals | None = None
 _create_lock = threading.Lock()
+
+
+class _CreateLock:
+    """Re-creates the module's lock in a forked child (see chresilient.fork)."""
+
+    def after_fork_in_child(self) -> None:
+        global _create_lock
+        _create_lock = threading.Lock()
+
+
+_FORK_HOOK = _CreateLock()
+fork.register(_FORK_HOOK)
 
 
 def process_totals() -> WorkerTotals:

@@ -115,12 +115,18 @@ def test_session_state_statements_are_refused_with_advice(clickhouse: Any) -> No
             "  use system",
             "/* x */ SET max_result_rows = 5",
             "SET max_block_size=1, result_overflow_mode='break'",
+            "CREATE TEMPORARY TABLE leak (x String)",
+            "create  temporary table if not exists leak (x String)",
+            "DROP TEMPORARY TABLE leak",
         ):
             with pytest.raises(SessionStateError) as info:
                 mgr.execute(statement)
-            assert "settings=" in str(info.value) or "database" in str(info.value)
+            assert any(w in str(info.value) for w in ("settings=", "database", "external_tables"))
         assert mgr.metrics()["queries_total"] == 0  # refused before any connection
         assert mgr.metrics()["connection_attempts"] == 0
+        # What only looks like it: a setting per query, names that are words.
+        assert mgr.execute("SELECT 1 SETTINGS max_threads = 1") == [(1,)]
+        assert mgr.execute("SELECT 1 AS use, 2 AS set") == [(1, 2)]
 
 
 def test_no_session_state_leaks_between_32_threads(clickhouse: Any) -> None:
@@ -214,3 +220,39 @@ def test_close_ends_a_dependency_check_stuck_on_a_frozen_server(clickhouse_serve
     finally:
         clickhouse_server.thaw()
         mgr.close()
+
+
+def test_reconnect_is_bounded_by_the_deadline_across_hosts(clickhouse_server: Any) -> None:
+    # Two host entries for one frozen server: each check would wait its full 2 s bound.
+    cfg = make_config(
+        clickhouse_server,
+        host="127.0.0.1",
+        alt_hosts=(("localhost", clickhouse_server.port),),
+        retry=RetryConfig(timeout_per_attempt=2.0, total_timeout=2.0),
+        spool_enabled=False,
+    )
+    with ClickHouseConnectionManager(cfg) as mgr:
+        clickhouse_server.freeze()
+        try:
+            started = time.monotonic()
+            report = mgr.reconnect()
+            took = time.monotonic() - started
+        finally:
+            clickhouse_server.thaw()
+        assert report["reconnected"] is False
+        assert took < 3.5, f"reconnect took {took:.1f} s for a 2 s deadline (before: 4 s)"
+
+
+def test_a_failed_probe_is_retried_soon_even_with_closed_breakers(clickhouse_server: Any) -> None:
+    # Default interval (60 s): the app starts before ClickHouse; no call opens a breaker.
+    clickhouse_server.stop()
+    cfg = make_config(clickhouse_server, pool=ConnectionPoolConfig(), spool_enabled=False)
+    with ClickHouseConnectionManager(cfg) as mgr:
+        mgr.start(wait=True, timeout=0.5, required=False)
+        assert mgr.health()["status"] == "unhealthy"
+        clickhouse_server.start()
+        back = time.monotonic()
+        wait_until(lambda: mgr.health()["status"] == "healthy", timeout=30, what="recovery")
+        took = time.monotonic() - back
+        assert took < 7.0, f"seen {took:.1f} s after ClickHouse answered (before: up to 60 s)"
+        assert mgr.metrics()["queries_total"] == 0

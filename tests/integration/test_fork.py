@@ -18,6 +18,7 @@ import structlog
 from helpers import make_config
 
 from chresilient import ClickHouseConnectionManager, ConnectionPoolConfig
+from chresilient.observability.multiprocess import process_totals
 
 CHILD_BOUND = 60.0  # seconds a child may take before it counts as hung (expected: < 2 s)
 
@@ -178,11 +179,13 @@ def test_forks_while_parent_threads_log_wake_and_check_never_hang(clickhouse: An
             action()
 
     assert mgr.spool is not None
+    totals = process_totals()  # gunicorn's multiprocess totals take a lock too
     actions: list[Callable[[], Any]] = [
         lambda: log.info("parent_is_logging"),
         mgr.spool.replayer.wake,
         mgr.monitor.wake,
         mgr.health,
+        lambda: totals.publish({"queries_total": 1}),
     ]
     threads = [threading.Thread(target=busy, args=(a,)) for a in actions]
     try:
@@ -193,6 +196,7 @@ def test_forks_while_parent_threads_log_wake_and_check_never_hang(clickhouse: An
 
         def work() -> dict[str, Any]:
             health = mgr.health()["status"]
+            process_totals().publish(mgr.metrics())
             rows = mgr.execute("SELECT 1")
             mgr.close()
             return {"health": health, "rows": rows}

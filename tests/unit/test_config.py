@@ -120,7 +120,7 @@ def test_from_env_parts_and_sections() -> None:
         "CLICKHOUSE_SPOOL_MAX_BYTES": "1000",
     }
     cfg = Config.from_env(env)
-    assert cfg.hosts == (("db", 9001), ("db2", 9002), ("db3", 9000))
+    assert cfg.hosts == (("db", 9001), ("db2", 9002), ("db3", 9440))
     assert (cfg.user, cfg.password, cfg.database, cfg.secure) == ("app", PASSWORD, "events", True)
     assert cfg.load_balancing == "least_loaded"
     assert cfg.retry.max_attempts == 3 and cfg.retry.initial_delay == 0.5
@@ -195,6 +195,13 @@ def test_a_cap_caps_and_ports_follow_the_scheme() -> None:
     assert Config.from_env({"CLICKHOUSE_SECURE": "true"}).port == 9440
     assert Config.from_url("clickhouse://u:p@[::1]:9001/db").hosts == (("::1", 9001),)
     assert Config.from_url("clickhouse://[::1]/db").hosts == (("::1", 9000),)
+    # TLS from the query string, and alternates without a port, follow the same rule.
+    assert Config.from_url("clickhouse://ch/db?secure=true").port == 9440
+    assert Config.from_url("clickhouses://ch/db?secure=false").port == 9000
+    assert Config.from_url("clickhouses://ch/db?alt_hosts=ch2").hosts[1] == ("ch2", 9440)
+    assert Config(secure=True, alt_hosts="ch2").hosts[1] == ("ch2", 9440)
+    env = {"CLICKHOUSE_URL": "clickhouses://ch/db", "CLICKHOUSE_ALT_HOSTS": "ch2, ch3:1"}
+    assert Config.from_env(env).hosts == (("ch", 9440), ("ch2", 9440), ("ch3", 1))
 
 
 @pytest.mark.parametrize(
@@ -222,6 +229,7 @@ def test_ambiguous_or_odd_hosts_are_refused(url: str, why: str) -> None:
         ("CLICKHOUSE_RETRY_MAX_DELAY", "nan"),
         ("CLICKHOUSE_ALT_HOSTS", "h:"),
         ("CLICKHOUSE_ALT_HOSTS", "::1:9000"),
+        ("CLICKHOUSE_HOST", "ch:9001"),  # the port goes in CLICKHOUSE_PORT
     ],
 )
 def test_numbers_are_plain_decimals(var: str, value: str) -> None:

@@ -2,8 +2,19 @@
 
 from __future__ import annotations
 
+import pickle
 from typing import Any
 
+import pytest
+
+from chresilient.errors import (
+    CircuitOpenError,
+    ClickHouseUnavailableError,
+    ConfigError,
+    SessionStateError,
+    SpoolFullError,
+    StartupError,
+)
 from chresilient.events import Event, Events
 from chresilient.state import ConnectionState, ConnectionStatus
 
@@ -45,3 +56,22 @@ def test_state_reads_as_its_value() -> None:
     assert state == "healthy" and str(state) == "healthy"
     assert f"{state}" == "healthy" and "%s" % state == "healthy"  # noqa: UP031 (logging style)
     assert f"{state:>8}" == " healthy"
+
+
+@pytest.mark.parametrize(
+    "error",
+    [
+        CircuitOpenError("h:9000", 2.5, ConnectionError("down")),
+        ConfigError("port", "bad"),
+        ClickHouseUnavailableError("gave up", EOFError(), attempts=3),
+        SessionStateError("USE refused"),
+        StartupError("auth", last_error=ValueError("x")),
+        SpoolFullError("full"),
+    ],
+    ids=lambda e: type(e).__name__,
+)
+def test_errors_cross_process_boundaries(error: Exception) -> None:
+    # multiprocessing pickles a task's exception: a failed unpickle hangs the pool.
+    copy = pickle.loads(pickle.dumps(error))
+    assert type(copy) is type(error) and str(copy) == str(error)
+    assert vars(copy).keys() == vars(error).keys()

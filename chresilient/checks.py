@@ -12,7 +12,6 @@ import contextlib
 import ipaddress
 import socket
 import tempfile
-import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -258,8 +257,7 @@ class ValidationRun:
             total_timeout=10.0,
         )
         with self._proxied(patient) as (proxy, mgr):
-            proxy.reset(after_bytes=100_000)  # every connection is cut after 100 kB
-            threading.Timer(0.1, proxy.pass_through).start()
+            proxy.reset(after_bytes=100_000, times=1)  # one connection cut after 100 kB
             rows, took = _timed(
                 lambda: mgr.execute("SELECT number FROM system.numbers LIMIT 500000")
             )

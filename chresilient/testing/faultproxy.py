@@ -233,6 +233,8 @@ class _Connection:
                         allowed = max(0, self.budget - self.forwarded)
                         if len(data) >= allowed:
                             data = data[:allowed]
+                            if not reset_pending:
+                                proxy.budget_reset()
                             reset_pending = True
                     if data:
                         delay = proxy.latency if mode is Mode.LATENCY else 0.0
@@ -301,6 +303,8 @@ class FaultProxy:
         self._connections: set[_Connection] = set()
         self._connections_total = 0
         self._rejected_over_limit = 0
+        self._resets_left: int | None = None  # RESET mode: budget resets before PASS
+        self.budget_resets_total = 0
 
     # ------------------------------------------------------------------ properties
 
@@ -439,8 +443,22 @@ class FaultProxy:
     def refuse(self) -> None:
         self.set_mode(Mode.REFUSE)
 
-    def reset(self, after_bytes: int = 0) -> None:
+    def reset(self, after_bytes: int = 0, times: int | None = None) -> None:
+        """Reset every connection after ``after_bytes`` (active ones at once); with
+        ``times``, switch back to PASS once that many connections were cut mid-stream."""
+        with self._lock:
+            self._resets_left = times
         self.set_mode(Mode.RESET, reset_after_bytes=after_bytes)
+
+    def budget_reset(self) -> None:
+        """A connection used up its RESET budget (called by the connection's thread)."""
+        with self._lock:
+            self.budget_resets_total += 1
+            if self._resets_left is not None:
+                self._resets_left -= 1
+                if self._resets_left <= 0:
+                    self._resets_left = None
+                    self._mode = Mode.PASS
 
     def delay(self, latency: float) -> None:
         self.set_mode(Mode.LATENCY, latency=latency)

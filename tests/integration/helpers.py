@@ -15,6 +15,7 @@ import subprocess
 import tempfile
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable
 from urllib.parse import quote, unquote, urlparse
 
@@ -253,3 +254,25 @@ def make_config(server: Any, *, auth: Any = None, **changes: Any) -> Config:
         base.update(user=auth.user, password=auth.password, database=auth.database)
     base.update(changes)
     return Config(**base)
+
+
+def subprocess_env(server: Any, tmp_path: Path, **extra: str) -> dict[str, str]:
+    """The environment of a chresilient subprocess (the CLI, gunicorn) aimed at ``server``:
+    fast retries, a spool of its own, and no CLICKHOUSE_* of the calling shell."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CLICKHOUSE_")}
+    env.update(
+        CLICKHOUSE_HOST=server.host,
+        CLICKHOUSE_PORT=str(server.port),
+        CLICKHOUSE_SPOOL_DIR=str(tmp_path / "spool"),
+        CLICKHOUSE_RETRY_INITIAL_DELAY="0.05",
+        CLICKHOUSE_RETRY_MAX_DELAY="0.2",
+        CLICKHOUSE_RETRY_TIMEOUT_PER_ATTEMPT="2",
+    )
+    if isinstance(server, ClickHouseEndpoint):
+        env.update(
+            CLICKHOUSE_USER=server.user,
+            CLICKHOUSE_PASSWORD=server.password,
+            CLICKHOUSE_DB=server.database,
+        )
+    env.update(extra)
+    return env

@@ -15,30 +15,10 @@ from types import SimpleNamespace
 from typing import Any
 
 import pytest
-from helpers import ClickHouseEndpoint, wait_until
+from helpers import subprocess_env as _env
+from helpers import wait_until
 
 VERBS = ("wait", "check", "health", "metrics", "spool", "serve")
-
-
-def _env(server: Any, tmp_path: Path, **extra: str) -> dict[str, str]:
-    """The environment of a chresilient subprocess aimed at ``server``."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("CLICKHOUSE_")}
-    env.update(
-        CLICKHOUSE_HOST=server.host,
-        CLICKHOUSE_PORT=str(server.port),
-        CLICKHOUSE_SPOOL_DIR=str(tmp_path / "spool"),
-        CLICKHOUSE_RETRY_INITIAL_DELAY="0.05",
-        CLICKHOUSE_RETRY_MAX_DELAY="0.2",
-        CLICKHOUSE_RETRY_TIMEOUT_PER_ATTEMPT="2",
-    )
-    if isinstance(server, ClickHouseEndpoint):
-        env.update(
-            CLICKHOUSE_USER=server.user,
-            CLICKHOUSE_PASSWORD=server.password,
-            CLICKHOUSE_DB=server.database,
-        )
-    env.update(extra)
-    return env
 
 
 def run_cli(

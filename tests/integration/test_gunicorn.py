@@ -21,7 +21,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-from helpers import wait_until
+from helpers import subprocess_env, wait_until
 from prometheus_client.parser import text_string_to_metric_families
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -67,14 +67,9 @@ def test_gunicorn_preload_workers_through_an_outage(clickhouse_server: Any, tmp_
     port = _free_port()
     base = f"http://127.0.0.1:{port}"
     (tmp_path / "prom").mkdir()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("CLICKHOUSE_")}
-    env.update(
-        CLICKHOUSE_HOST=server.host,
-        CLICKHOUSE_PORT=str(server.port),
-        CLICKHOUSE_SPOOL_DIR=str(tmp_path / "spool"),
-        CLICKHOUSE_RETRY_INITIAL_DELAY="0.05",
-        CLICKHOUSE_RETRY_MAX_DELAY="0.2",
-        CLICKHOUSE_RETRY_TIMEOUT_PER_ATTEMPT="2",
+    env = subprocess_env(
+        server,
+        tmp_path,
         CLICKHOUSE_HEALTH_CHECK_INTERVAL="0.5",
         CLICKHOUSE_BREAKER_FAILURE_THRESHOLD="3",
         CLICKHOUSE_BREAKER_RECOVERY_TIMEOUT="1",

@@ -309,7 +309,7 @@ def test_f05_frozen_mid_query_is_bounded(clickhouse_server: Any) -> None:
         assert not thread.is_alive(), "a call on a frozen server hung"
         assert isinstance(box.get("error"), ClickHouseUnavailableError), box
         assert box["error"].attempts == 2
-        assert box["elapsed"] < 2 * 1.0 + 0.3 + 2.0
+        assert box["elapsed"] < 10.0  # two 1 s attempts, not the driver's 300 s
     finally:
         clickhouse_server.thaw()
         mgr.close()
@@ -350,8 +350,7 @@ def test_f07_reset_mid_result_read_is_retried(clickhouse: Any, fault_proxy: Any)
     mgr = _patient(fault_proxy, auth=clickhouse)
     try:
         assert mgr.execute("SELECT 1") == [(1,)]
-        fault_proxy.reset(after_bytes=200_000)
-        threading.Timer(0.5, fault_proxy.pass_through).start()
+        fault_proxy.reset(after_bytes=200_000, times=1)  # one connection cut mid-result
         rows = mgr.execute("SELECT number FROM system.numbers LIMIT 1000000")
         assert len(rows) == 1_000_000 and rows[-1] == (999_999,)
         metrics = mgr.metrics()

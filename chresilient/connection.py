@@ -13,7 +13,7 @@ import socket
 import time
 from collections.abc import Mapping
 from contextlib import suppress
-from typing import Any
+from typing import Any, Callable
 
 from clickhouse_driver import Client
 from clickhouse_driver.connection import Connection
@@ -64,12 +64,12 @@ class PooledConnection:
         if sock is not None:
             sock.settimeout(seconds)
 
-    def is_alive(self, ping_after_idle: float) -> bool:
+    def is_alive(self, ping_after_idle: float, ping_within: Callable[[], float]) -> bool:
         """Peek at the socket; ping only when the connection sat idle a long time.
 
         A socket peek costs microseconds and sees a server that closed or was killed
         (EOF or stray bytes make the socket readable). It cannot see a frozen server; only
-        the per-attempt timeout catches that.
+        the per-attempt timeout catches that. A ping waits at most ``ping_within()``.
         """
         conn = self.connection
         sock = conn.socket
@@ -79,6 +79,7 @@ class PooledConnection:
             return False  # EOF, reset, or bytes nobody asked for
         if time.monotonic() - self.last_used < ping_after_idle:
             return True
+        self.set_timeout(ping_within())
         try:
             return bool(conn.ping())
         except Exception:

@@ -163,8 +163,8 @@ class HostPool:
         if not dbapi_conn.connection.connected:
             # Closed on our side (the driver disconnects after any error): only this one.
             raise sa_exc.DisconnectionError("connection was closed after an error")
-        dbapi_conn.set_timeout(self._bound())  # a ping of an idle connection fits the attempt
-        if not dbapi_conn.is_alive(self.cfg.pool.ping_after_idle):
+        # A ping of an idle connection fits the attempt.
+        if not dbapi_conn.is_alive(self.cfg.pool.ping_after_idle, self._bound):
             # The server closed the socket: most likely it restarted, so every
             # connection made before now is stale. Recycle them all at once.
             raise sa_exc.InvalidatePoolError("stale connection found on checkout")
@@ -386,6 +386,8 @@ class CheckoutBoundPool(QueuePool):
 
     def connect_within(self, seconds: float) -> PoolProxiedConnection:
         """``connect()``, waiting at most ``seconds`` for a free connection."""
+        if seconds >= self._configured_timeout:  # the common case: the pool's own wait
+            return self.connect()
         self._waits.seconds = seconds
         try:
             return self.connect()

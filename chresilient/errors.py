@@ -109,6 +109,20 @@ class SpoolFullError(SpoolError):
     """The local insert spool reached its size limit; the batch was not accepted."""
 
 
+class InsertSourceError(ChResilientError):
+    """The iterable given to ``insert_batches`` raised; its error is ``__cause__``.
+
+    Every row taken from it before the error was delivered or spooled (none dropped):
+    ``totals`` (an ``InsertTotals``) says how, and ``next_row`` is the index of the first
+    row not handled, where a re-run should resume (see docs/spool.md).
+    """
+
+    def __init__(self, message: str, totals: Any, next_row: int) -> None:
+        self.totals = totals
+        self.next_row = next_row
+        super().__init__(message)
+
+
 class InvalidBatchError(ChResilientError, ValueError):
     """Rows passed to ``insert`` do not fit their columns (wrong or ragged width).
 

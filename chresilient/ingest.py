@@ -13,7 +13,7 @@ from __future__ import annotations
 import itertools
 import time
 import uuid
-from collections.abc import Iterable, Mapping, Sequence, Sized
+from collections.abc import Iterable, Iterator, Mapping, Sequence, Sized
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -23,6 +23,7 @@ from .config import Config
 from .errors import (
     ChResilientError,
     ClickHouseUnavailableError,
+    InsertSourceError,
     InvalidBatchError,
     SpoolError,
     describe,
@@ -289,8 +290,10 @@ class Inserter:
         source = iter(rows_iterable)
         try:
             while True:
-                chunk = list(itertools.islice(source, batch_size))
+                chunk, source_error = _take(source, batch_size)
                 if not chunk:
+                    if source_error is not None:
+                        raise _source_failed(totals, source_error) from source_error
                     break
                 if names is None and isinstance(chunk[0], Mapping):
                     names = tuple(chunk[0])  # every later batch uses the same columns
@@ -306,6 +309,8 @@ class Inserter:
                     ) from None
                 totals.add(result)
                 del chunk
+                if source_error is not None:  # the rows taken before it are handled
+                    raise _source_failed(totals, source_error) from source_error
                 if bar is not None:
                     bar.update(result.rows)
                     if totals.rows_spooled:
@@ -319,6 +324,28 @@ class Inserter:
         if progress is not False:
             log.info("insert_batches_done", table=str(table), **_summary(totals))
         return totals
+
+
+def _take(source: Iterator[Any], size: int) -> tuple[list[Any], Exception | None]:
+    """Up to ``size`` rows, and the error the source raised while they were taken: the
+    rows before the error are kept, so a failing source never loses what it gave."""
+    rows: list[Any] = []
+    try:
+        rows.extend(itertools.islice(source, size))
+    except Exception as exc:
+        return rows, exc
+    return rows, None
+
+
+def _source_failed(totals: InsertTotals, error: Exception) -> InsertSourceError:
+    log.warning("insert_batches_source_failed", next_row=totals.rows, **_summary(totals))
+    return InsertSourceError(
+        f"the rows source raised {type(error).__name__} after {totals.rows} rows "
+        f"({totals.rows_delivered} delivered, {totals.rows_spooled} spooled); none were "
+        f"dropped: resume from row {totals.rows}",
+        totals=totals,
+        next_row=totals.rows,
+    )
 
 
 def _summary(totals: InsertTotals) -> dict[str, Any]:

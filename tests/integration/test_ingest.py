@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import datetime as dt
 import decimal
+import itertools
 import os
 import signal
 import socket
@@ -21,6 +22,7 @@ import warnings
 import zoneinfo
 from collections.abc import Iterator
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -33,6 +35,7 @@ from chresilient import (
     CircuitOpenError,
     ClickHouseConnectionManager,
     ClickHouseUnavailableError,
+    InsertSourceError,
     RetryConfig,
 )
 
@@ -234,6 +237,51 @@ def test_insert_batches_streams_a_million_rows_in_bounded_memory(
         assert mgr.execute(f"SELECT count(), uniqExact(id) FROM {name}") == [(1_000_000, 1_000_000)]
     finally:
         mgr.execute(f"DROP TABLE {name}")
+
+
+def _failing_source(fail_at: int, start: int = 0) -> Iterator[tuple[int, str]]:
+    """Rows ``start`` .. ``fail_at - 1``, then the source breaks (a lost upstream)."""
+    for i in range(start, fail_at):
+        yield (i, f"row-{i}")
+    raise RuntimeError("upstream went away")
+
+
+def test_a_failing_source_loses_nothing_and_says_where_to_resume(
+    mgr: ClickHouseConnectionManager,
+) -> None:
+    name = _table("resume")
+    mgr.execute(f"CREATE TABLE {name} (id UInt64, s String) ENGINE = MergeTree ORDER BY id")
+    cols = ["id", "s"]
+    try:
+        with pytest.raises(InsertSourceError) as info:
+            mgr.insert_batches(name, _failing_source(25), batch_size=10, column_names=cols)
+        err = info.value
+        assert isinstance(err.__cause__, RuntimeError)
+        assert err.next_row == 25  # rows 20-24 were pulled into the unfinished batch: kept
+        assert (err.totals.rows, err.totals.rows_delivered, err.totals.batches) == (25, 25, 3)
+        assert mgr.execute(f"SELECT count(), max(id) FROM {name}") == [(25, 24)]
+        # Resume from next_row: the whole range lands once.
+        source = (r for r in ((i, f"row-{i}") for i in range(40)))
+        rest = itertools.islice(source, err.next_row, None)
+        totals = mgr.insert_batches(name, rest, batch_size=10, column_names=cols)
+        assert totals.rows == 15
+        assert mgr.execute(f"SELECT count(), uniqExact(id) FROM {name}") == [(40, 40)]
+    finally:
+        mgr.execute(f"DROP TABLE {name}")
+
+
+def test_a_source_failing_during_an_outage_spools_what_it_gave(tmp_path: Path) -> None:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    down = SimpleNamespace(host="127.0.0.1", port=port)
+    cfg = make_config(down, spool_dir=str(tmp_path / "spool"))
+    with ClickHouseConnectionManager(cfg) as dead:
+        with pytest.raises(InsertSourceError) as info:
+            dead.insert_batches("t", _failing_source(7), batch_size=5, column_names=["id", "s"])
+        assert info.value.next_row == 7
+        assert info.value.totals.rows_spooled == 7
+        assert dead.spool is not None and dead.spool.pending().rows == 7
 
 
 def test_insert_batches_progress_bar(

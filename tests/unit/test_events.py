@@ -11,6 +11,7 @@ from chresilient.errors import (
     CircuitOpenError,
     ClickHouseUnavailableError,
     ConfigError,
+    InsertSourceError,
     SessionStateError,
     SpoolFullError,
     StartupError,
@@ -67,6 +68,7 @@ def test_state_reads_as_its_value() -> None:
         SessionStateError("USE refused"),
         StartupError("auth", last_error=ValueError("x")),
         SpoolFullError("full"),
+        InsertSourceError("source failed", totals={"rows": 25}, next_row=25),
     ],
     ids=lambda e: type(e).__name__,
 )

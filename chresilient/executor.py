@@ -130,8 +130,7 @@ class Executor:
     ) -> T:
         """``body(host, timeout, deadline)`` under retry, breaker and failover: ``timeout``
         bounds the attempt's network operations, ``deadline`` the whole call (the wait for a
-        pooled connection included); ``tried`` collects
-        the hosts the call went to."""
+        pooled connection included); ``tried`` collects the hosts the call went to."""
         tried = [] if tried is None else tried
         metrics = self.metrics
         metrics.incr("queries_total")

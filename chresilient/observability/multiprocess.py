@@ -56,10 +56,23 @@ class WorkerTotals:
             registry=registry,
             multiprocess_mode="livesum",
         )
+        self._held_at_fork = False
         fork.register(self)
+
+    def before_fork(self) -> None:
+        """Every write to the multiprocess files happens under ``_lock``: holding it across
+        fork() means no thread of ours is inside prometheus_client's own lock (one per
+        process, not reset in a child) when the process is copied."""
+        self._held_at_fork = self._lock.acquire(timeout=5.0)
+
+    def after_fork_in_parent(self) -> None:
+        if self._held_at_fork:
+            self._held_at_fork = False
+            self._lock.release()
 
     def after_fork_in_child(self) -> None:
         self._lock = threading.Lock()
+        self._held_at_fork = False
 
     def publish(self, metrics: dict[str, Any]) -> None:
         """Write this process's current values (from ``mgr.metrics()``)."""

@@ -20,6 +20,7 @@ from typing import Any, TextIO
 
 import structlog
 
+from . import cli_spool
 from .config import Config
 from .errors import ConfigError, StartupError, StartupTimeoutError, describe
 from .manager import ClickHouseConnectionManager
@@ -107,30 +108,7 @@ def cmd_metrics(args: argparse.Namespace, out: TextIO) -> int:
 
 
 def cmd_spool(args: argparse.Namespace, out: TextIO) -> int:
-    with ClickHouseConnectionManager(_config(args)) as mgr:
-        spool = mgr.spool
-        if spool is None:
-            print("the spool is disabled", file=sys.stderr)
-            return EXIT_USAGE
-        if args.action == "status":
-            _print_json(spool.status(), out)
-            return EXIT_OK
-        if args.action == "purge":
-            if not args.yes:
-                print("purge deletes undelivered rows for good: add --yes", file=sys.stderr)
-                return EXIT_USAGE
-            removed = spool.purge(confirm=True)
-            print(f"purged {removed.batches} batches, {removed.rows} rows", file=out)
-            return EXIT_OK
-        try:
-            mgr.wait_until_ready(args.timeout)
-        except StartupTimeoutError as err:
-            print(f"cannot replay: {err}", file=sys.stderr)
-            return EXIT_FAILED
-        report = spool.replay(limit=args.limit)
-        _print_json(report.as_dict(), out)
-        left = spool.pending()
-        return EXIT_OK if left.batches == 0 or args.limit else EXIT_FAILED
+    return cli_spool.run(args, _config(args), out, _print_json)
 
 
 def cmd_check(args: argparse.Namespace, out: TextIO) -> int:
@@ -236,12 +214,8 @@ def build_parser() -> argparse.ArgumentParser:
     metrics.add_argument("--timeout", type=float, default=10.0)
     metrics.set_defaults(func=cmd_metrics)
 
-    spool = verbs.add_parser("spool", help="inspect, replay or purge the insert spool")
-    spool.add_argument("action", choices=["status", "replay", "purge"])
-    spool.add_argument("--yes", action="store_true", help="confirm purge")
-    spool.add_argument("--limit", type=int, default=None, help="replay at most N batches")
-    spool.add_argument("--timeout", type=float, default=30.0)
-    spool.set_defaults(func=cmd_spool)
+    cli_spool.add_parser(verbs)
+    verbs.choices["spool"].set_defaults(func=cmd_spool)
 
     serve = verbs.add_parser("serve", help="serve the health endpoints (a sidecar)")
     serve.add_argument("--host", default="127.0.0.1")

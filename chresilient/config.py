@@ -221,6 +221,8 @@ class Config:
     spool_enabled: bool = True
     spool_block_timeout: float = 30.0
     spool_replay_interval: float = 5.0
+    # A spooled batch that fails this many replays while ClickHouse answers is set aside.
+    spool_max_attempts: int = 10
     # Several hosts: a replica whose system.replicas absolute_delay (seconds, read by the
     # health monitor) exceeds this is used only when every host lags. None: not read.
     max_replica_delay: float | None = 300.0
@@ -278,6 +280,7 @@ class Config:
         )
         positive(self.spool_block_timeout, "spool_block_timeout", allow_zero=True)
         positive(self.spool_replay_interval, "spool_replay_interval")
+        whole(self.spool_max_attempts, "spool_max_attempts", 1)
         if self.max_replica_delay is not None:
             positive(self.max_replica_delay, "max_replica_delay")
 
@@ -356,6 +359,7 @@ _ENV_FOR_FIELD = {
     "spool_full_policy": "CLICKHOUSE_SPOOL_FULL_POLICY",
     "spool_enabled": "CLICKHOUSE_SPOOL_ENABLED",
     "spool_block_timeout": "CLICKHOUSE_SPOOL_BLOCK_TIMEOUT",
+    "spool_max_attempts": "CLICKHOUSE_SPOOL_MAX_ATTEMPTS",
     "max_replica_delay": "CLICKHOUSE_MAX_REPLICA_DELAY",
 }
 
@@ -409,6 +413,7 @@ def _config_from_env(cls: type[Config], env: Mapping[str, str]) -> Config:
         ("spool_full_policy", text),
         ("spool_enabled", parse_bool),
         ("spool_block_timeout", parse_float),
+        ("spool_max_attempts", parse_int),
         ("max_replica_delay", parse_float),
     ):
         value = _env_value(env, _ENV_FOR_FIELD[name], parse)

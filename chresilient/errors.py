@@ -94,14 +94,28 @@ class StartupError(ChResilientError):
 
 
 class SpoolError(ChResilientError):
-    """ClickHouse could not take a batch and the local spool could not store it either.
+    """The local spool could not do what was asked (store, deliver, delete a batch).
 
-    The batch was not accepted: the caller still holds the rows. ``__cause__`` is the
-    spool's own error; ``clickhouse_error`` the one that sent the batch to the spool.
+    From ``insert()``: the batch was not accepted, the caller still holds the rows.
+    ``cause`` names the problem (``disk full``, ``unwritable``, ``busy``, ``corrupt``,
+    ``error``), ``path`` the spool file or directory, ``free_bytes`` what its file system
+    had left; ``__cause__`` is the underlying error; ``clickhouse_error`` the one that
+    sent the batch to the spool.
     """
 
-    def __init__(self, message: str, clickhouse_error: BaseException | None = None) -> None:
+    def __init__(
+        self,
+        message: str,
+        clickhouse_error: BaseException | None = None,
+        *,
+        cause: str = "error",
+        path: str | None = None,
+        free_bytes: int | None = None,
+    ) -> None:
         self.clickhouse_error = clickhouse_error
+        self.cause = cause
+        self.path = path
+        self.free_bytes = free_bytes
         super().__init__(message)
 
 

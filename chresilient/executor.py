@@ -142,7 +142,7 @@ class Executor:
         deadline = Deadline(self.policy.total_timeout)
         try:
             result = call_with_retry(
-                lambda timeout: self._attempt(body, timeout, tried, deadline),
+                lambda timeout: self._attempt(body, timeout, tried, deadline, statement),
                 policy=self.policy,
                 statement=statement,
                 budget=self.budget,
@@ -219,6 +219,7 @@ class Executor:
         timeout: float,
         tried: list[HostState],
         deadline: Deadline,
+        statement: Statement,
     ) -> T:
         host, permit = self.choose(tried)
         if tried and tried[-1] is not host:
@@ -229,6 +230,9 @@ class Executor:
             result = body(host, timeout, deadline)
         except BaseException as exc:
             host.count(failed=True)
+            if statement.background:  # the probe, not a spooled batch, judges the server
+                permit.neutral()
+                raise
             host.breaker.record(permit, exc)
             kind = classify(exc)
             if counts_for_breaker(kind):

@@ -19,7 +19,6 @@ from typing import Any, Callable
 
 import structlog
 
-from .config import Config
 from .errors import (
     ChResilientError,
     ClickHouseUnavailableError,
@@ -28,10 +27,14 @@ from .errors import (
     SpoolError,
     describe,
 )
-from .events import Event, Events
-from .metrics import SPOOL_COUNTERS, Metrics
-from .spool import Spool, SpooledBatch, SpoolReplayer, SpoolStore
-from .statement import DEDUP_SETTING, TableName, insert_delivery, insert_query, quote_table
+from .metrics import Metrics
+from .spool import Spool
+from .statement import (
+    DEDUP_SETTING,
+    TableName,
+    insert_query,
+    quote_table,
+)
 
 # ``execute(query, rows, settings=...)``: the manager's call path, retry and breaker included.
 Execute = Callable[..., Any]
@@ -41,9 +44,6 @@ log = structlog.get_logger("chresilient.spool")
 DEFAULT_BATCH_SIZE = 10_000
 # insert_batches() without a progress bar logs one line per this many batches.
 LOG_EVERY_BATCHES = 100
-# A replay lease outlives the longest call the retry policy allows by this much.
-LEASE_MARGIN = 30.0
-
 
 
 @dataclass(frozen=True)
@@ -224,6 +224,8 @@ class Inserter:
                 error=describe(spool_err),
                 clickhouse_error=reason,
             )
+            if isinstance(spool_err, SpoolError) and spool_err.clickhouse_error is None:
+                spool_err.clickhouse_error = err
             if isinstance(spool_err, ChResilientError):
                 raise spool_err from err
             # e.g. sqlite3.OperationalError ("database is locked", I/O error): callers
@@ -361,48 +363,3 @@ def _progress_bar(rows: Iterable[Any]) -> Any:
 
     total = len(rows) if isinstance(rows, Sized) else None
     return tqdm(total=total, unit="rows", unit_scale=True, desc="insert", leave=True)
-
-
-# -- wiring ---------------------------------------------------------------------------------
-def open_spool(
-    cfg: Config,
-    *,
-    target: str,
-    execute: Execute,
-    metrics: Metrics,
-    events: Events,
-    busy: Callable[[], bool],
-    dedup_supported: Callable[[], bool],
-) -> Spool | None:
-    """The spool and its replayer, or None when disabled. Raises ``ConfigError`` for a bad
-    directory. The replayer wakes when the connection state recovers."""
-    if not cfg.spool_enabled:
-        return None
-    store = SpoolStore(
-        cfg.resolved_spool_dir,
-        target=target,
-        max_bytes=cfg.spool_max_bytes,
-        full_policy=cfg.spool_full_policy,
-        block_timeout=cfg.spool_block_timeout,
-    )
-    for counter in SPOOL_COUNTERS:  # present (at 0) in metrics() from the start
-        metrics.incr(counter, 0)
-    retry = cfg.retry
-    longest_call = retry.total_timeout or retry.max_attempts * (
-        retry.timeout_per_attempt + retry.max_delay
-    )
-
-    def deliver_spooled(batch: SpooledBatch) -> None:
-        rows = batch.decode_rows()
-        deliver(execute, metrics, batch.table, batch.columns, rows, batch.settings, batch.batch_id)
-
-    replayer = SpoolReplayer(
-        store,
-        deliver_spooled,
-        metrics=metrics,
-        interval=cfg.spool_replay_interval,
-        lease_seconds=longest_call + LEASE_MARGIN,
-        busy=busy,
-    )
-    events.listen(Event.RECOVERED, lambda **_: replayer.wake())
-    return Spool(store, replayer, guarantee=lambda: insert_delivery(dedup_supported()))

@@ -21,14 +21,15 @@ from .events import Event, Events
 from .executor import Executor
 from .health.monitor import HealthMonitor
 from .health.status import connection_report
-from .hosts import HostState, all_busy, all_support, build_hosts
-from .ingest import Inserter, InsertResult, InsertTotals, open_spool
+from .hosts import HostState, all_support, build_hosts
+from .ingest import Inserter, InsertResult, InsertTotals
 from .metrics import Metrics
 from .observability.multiprocess import process_totals
 from .observability.prometheus import multiprocess_dir
 from .reports import Reports
 from .retry import Deadline
 from .spool import Spool
+from .spool_setup import open_spool
 from .startup import BackgroundService, StartupGate
 from .state import ConnectionState, ConnectionStatus
 from .statement import DEDUP_SETTING, Statement, TableName
@@ -71,14 +72,11 @@ class ClickHouseConnectionManager:
             cfg, self.hosts, self.status, self.events, closed=self._closing.is_set
         )
         self.services: list[BackgroundService] = [self.monitor]
-        # An unusable spool_dir is a ConfigError here, not at the first outage.
         self.spool: Spool | None = open_spool(
             cfg,
-            target=f"{self.hosts[0].label}/{cfg.database}",
-            execute=self.execute,
+            executor=self.executor,
             metrics=self.metrics_registry,
             events=self.events,
-            busy=lambda: all_busy(self.hosts),
             dedup_supported=lambda: self.supports(DEDUP_SETTING),
         )
         if self.spool is not None:

@@ -36,7 +36,8 @@ SPOOL_COUNTERS = {
     "spool_rows_written": "Rows written to the spool because ClickHouse was unavailable.",
     "spool_batches_replayed": "Spooled batches delivered to ClickHouse.",
     "spool_rows_replayed": "Spooled rows delivered to ClickHouse.",
-    "spool_batches_set_aside": "Spooled batches the server rejected for good (kept aside).",
+    "spool_batches_set_aside": "Spooled batches set aside (rejected, or out of attempts).",
+    "spool_rows_set_aside": "Rows in spooled batches set aside for the operator.",
     "spool_dropped_batches": "Batches evicted by the drop_oldest policy: data lost.",
     "spool_dropped_rows": "Rows evicted by the drop_oldest policy: data lost.",
 }

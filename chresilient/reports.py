@@ -36,7 +36,6 @@ class Reports:
         self._spool = spool
 
     def metrics(self) -> Report:
-        pending = self._spool.pending() if self._spool is not None else None
         return metrics_snapshot(
             registry=self._registry,
             hosts=[h.snapshot() for h in self._hosts],
@@ -47,11 +46,11 @@ class Reports:
                 "retry_budget_tokens": round(self._budget.tokens, 2),
                 "retry_budget_exhausted": self._budget.exhausted_total,
             },
-            spool_pending={
-                "pending_batches": pending.batches if pending else 0,
-                "pending_rows": pending.rows if pending else 0,
-                "pending_bytes": pending.bytes if pending else 0,
-            },
+            spool_pending=(
+                self._spool.gauges()
+                if self._spool is not None
+                else dict.fromkeys(("pending_batches", "pending_rows", "pending_bytes"), 0)
+            ),
             monitor=self._monitor.snapshot(),
             probe=self._monitor.probe.latest,
         )

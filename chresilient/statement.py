@@ -31,8 +31,7 @@ TEMPORARY_ADVICE = (
     "(ENGINE = Memory, dropped when done)"
 )
 SESSION_ADVICE = {
-    "use": "pass the database in Config.database (CLICKHOUSE_DB) or qualify table names "
-    "(db.table)",
+    "use": "pass the database in Config.database (CLICKHOUSE_DB) or qualify table names (db.table)",
     "set": "pass settings per call (execute(..., settings={...})) or for every call "
     "(Config.settings)",
 }
@@ -84,13 +83,15 @@ class Statement:
 
     ``replayable``: the call's data can be sent again (not a one-shot iterator).
     ``deduplicated``: a write the server will drop if it arrives twice (a dedup token on
-    a server that has the setting).
+    a server that has the setting). ``background``: a call of the spool replayer, whose
+    failures say nothing about the server (a poison batch): they never feed the breaker.
     """
 
     is_write: bool
     replayable: bool = True
     deduplicated: bool = False
     what: str = "query"
+    background: bool = False
 
     @classmethod
     def of(

@@ -21,6 +21,10 @@ apt_install() {
 if ! command -v clickhouse-server >/dev/null 2>&1 && [ ! -x /usr/sbin/clickhouse-server ]; then
   apt_install clickhouse-server
 fi
+# The tests load exported spool batches with it, as an operator would.
+if ! command -v clickhouse-client >/dev/null 2>&1; then
+  apt_install clickhouse-client
+fi
 
 # To validate docker/docker-compose.yml in the tests (no Docker engine is needed for that).
 if ! command -v docker-compose >/dev/null 2>&1 && ! docker compose version >/dev/null 2>&1; then

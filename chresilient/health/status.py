@@ -104,9 +104,17 @@ def _status(inputs: HealthInputs, consistency: Report) -> tuple[str, list[str]]:
                 f"{host.label}: replica delay {host.replica_delay:.0f}s over "
                 f"max_replica_delay ({inputs.max_replica_delay:.0f}s)"
             )
-    pending = 0 if inputs.spool is None else _pending(inputs.spool)
+    spool = inputs.spool or {}
+    pending = _pending(spool)
     if pending:
         reasons.append(f"spool holds {pending} rows waiting for delivery")
+    if spool.get("state", "ok") != "ok":
+        reasons.append(f"spool: {spool['state']}")
+    if spool.get("failed_batches"):
+        reasons.append(
+            f"spool: {spool['failed_batches']} batches ({spool.get('failed_rows', 0)} rows) "
+            "set aside for the operator"
+        )
     if consistency.get("overall_consistent") is False:
         reasons.append("analytics consistency: " + "; ".join(consistency["problems"][:5]))
     return ("degraded" if reasons else "healthy"), reasons

@@ -138,6 +138,21 @@ class ManagerCollector(Collector):
             "Batches in the local spool awaiting delivery.",
             m.get("pending_batches", 0) or 0,
         )
+        yield self._gauge(
+            "chresilient_spool_set_aside_batches",
+            "Spooled batches set aside for the operator (chresilient spool list).",
+            m.get("set_aside_batches", 0) or 0,
+        )
+        yield self._gauge(
+            "chresilient_spool_set_aside_rows",
+            "Rows in spooled batches set aside for the operator.",
+            m.get("set_aside_rows", 0) or 0,
+        )
+        yield self._gauge(
+            "chresilient_spool_usable",
+            "1 while the spool can be written; 0 when its disk is full or it is unwritable.",
+            1 if m.get("spool_state", "ok") == "ok" else 0,
+        )
         state = self._family(
             GaugeMetricFamily,
             "chresilient_connection_state",

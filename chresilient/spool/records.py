@@ -66,11 +66,13 @@ WHEN OLD.state != NEW.state BEGIN
 END;
 """
 
+
 class BatchState(enum.IntEnum):
     """A stored batch's state; passed to SQL as a parameter, never written as a literal."""
 
     PENDING = 0  # waiting for delivery
     SET_ASIDE = 1  # the server rejected it for good (e.g. the table is gone)
+
 
 BATCH_COLUMNS = (
     "seq, batch_id, tbl, columns, settings, codec, nrows, nbytes, created, attempts, "
@@ -94,6 +96,9 @@ class SpooledBatch:
     attempts: int
     last_error: str | None
     payload: bytes = field(repr=False)
+    # False: chosen without writing a lease (the disk was full; the caller's replay lock
+    # alone keeps other replayers away).
+    leased: bool = True
 
     def decode_rows(self) -> list[tuple[Any, ...]]:
         return codec.decode_rows(self.payload, self.codec)

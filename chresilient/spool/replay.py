@@ -3,15 +3,26 @@
 A replay *pass* holds the target's replay lock (one replayer per spool directory and
 target at a time, so N gunicorn workers do not all hammer a recovering server), then
 claims batches in order per table, delivers each whole with its batch id as dedup token,
-and deletes it only after ClickHouse acknowledged it. The pass stops at the first sign
-that ClickHouse is unavailable (the breaker and the retry budget decide, through the
-manager's normal call path) and the thread backs off until the next poll or ``wake()``.
-Live traffic goes first: one batch at a time on one connection, with a short pause
-between batches and a longer one while the pool is fully busy.
+and deletes it only after ClickHouse acknowledged it. Live traffic goes first: one batch
+at a time on one connection, with a short pause between batches and a longer one while
+the pool is fully busy.
+
+When a delivery fails, a probe decides whose fault it is. If ClickHouse does not answer,
+the pass ends and the thread backs off until the next poll or ``wake()``; the batch is
+not counted. If ClickHouse answers, the batch itself is the problem (a *poison* batch:
+the server drops the connection on it, or rejects it): it counts an attempt and waits
+(its table waits with it, other tables flow); after ``max_attempts``, or at once for a
+deterministic rejection, it is set aside for the operator. Replay deliveries never feed
+the circuit breaker, so one bad batch cannot refuse live traffic.
+
+A batch delivered but not deleted (the disk is full) is remembered in memory and never
+sent again by this process: the pass keeps the replay lock and retries the delete until
+it succeeds or the replayer stops.
 """
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 from collections.abc import Callable
@@ -19,7 +30,6 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import structlog
-from clickhouse_driver import errors as driver_errors
 
 from .. import fork
 from ..errors import (
@@ -27,6 +37,7 @@ from ..errors import (
     ClickHouseUnavailableError,
     ClientClosedError,
     ErrorKind,
+    SpoolError,
     classify,
     describe,
 )
@@ -43,12 +54,18 @@ BUSY_WAIT = 0.05
 BUSY_WAITS_MAX = 10
 # First backoff after an unavailable server; doubles up to the poll interval.
 FIRST_BACKOFF = 0.5
+# A failing batch waits FIRST_BACKOFF * 2**(attempts - 1), at most this long.
+BATCH_BACKOFF_MAX = 60.0
+# How long a manual replay retries deleting delivered batches on a full disk.
+ACK_WAIT = 30.0
+ACK_BACKOFF_MAX = 2.0
 
 
 @dataclass
 class ReplayReport:
     """What one replay pass did. ``outcome``: drained, partial (limit reached),
-    unavailable, busy (another replayer holds the lock), empty, stopped."""
+    unavailable, retrying (some batches wait for another attempt), busy (another replayer
+    holds the lock), empty, stopped, spool_full (delivered batches could not be deleted)."""
 
     outcome: str = "drained"
     batches: int = 0
@@ -75,6 +92,8 @@ class SpoolReplayer:
         interval: float,
         lease_seconds: float,
         busy: Callable[[], bool] = lambda: False,
+        probe: Callable[[], bool] = lambda: False,
+        max_attempts: int = 10,
         pause: float = REPLAY_PAUSE,
     ) -> None:
         self.store = store
@@ -83,7 +102,10 @@ class SpoolReplayer:
         self.interval = interval
         self.lease_seconds = lease_seconds
         self._busy = busy
+        self._probe = probe
+        self.max_attempts = max_attempts
         self.pause = pause
+        self._unacked: list[SpooledBatch] = []  # delivered, delete not yet written
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -127,6 +149,7 @@ class SpoolReplayer:
     def after_fork_in_child(self) -> None:
         """The parent's thread does not exist here; start() starts a new one."""
         self._lock = threading.Lock()
+        self._unacked = []  # the parent's deliveries; its leases are not ours
         fork.reinit_event(self._wake)
         fork.reinit_event(self._stop)
         self._thread = None
@@ -158,8 +181,10 @@ class SpoolReplayer:
                 report = self._replay(None, self._stop)
             except Exception as exc:  # e.g. the spool's disk failed; try again later
                 report = ReplayReport(outcome="error", last_error=describe(exc))
-                log.error("spool_replay_error", error=describe(exc))
-            if report.outcome in ("unavailable", "error"):
+                if report.last_error != self.last_error:  # once per problem, not per pass
+                    log.error("spool_replay_error", error=report.last_error)
+                self.last_error, self.last_error_wall = report.last_error, time.time()
+            if report.outcome in ("unavailable", "error", "retrying", "spool_full"):
                 self._backing_off = True
                 wait = max(backoff, report.retry_after or 0.0)
                 delay = min(wait, self.interval)
@@ -180,11 +205,18 @@ class SpoolReplayer:
         if self.store.totals().batches == 0:
             report.outcome = "empty"
             return report
-        with self.store.replay_lock() as held:
+        with contextlib.ExitStack() as stack:
+            try:
+                held = stack.enter_context(self.store.replay_lock())
+            except OSError as err:
+                raise self.store.db.error(err, "replay lock") from err
             if held is False:
                 report.outcome = "busy"
                 return report
-            self._pass(report, limit, stop, steal=held is True)
+            if self._flush_acks(stop):
+                self._pass(report, limit, stop, steal=held is True)
+            else:
+                report.outcome = "spool_full"
         report.seconds = round(time.monotonic() - started, 3)
         self.last_pass = report
         if report.batches or report.set_aside:
@@ -217,15 +249,17 @@ class SpoolReplayer:
                 lease_seconds=self.lease_seconds, skip_tables=skip, steal=steal
             )
             if batch is None:
-                if skip:  # some tables must be tried again later
-                    report.outcome = "unavailable"
+                if skip or self.store.totals().batches:  # some must be tried again later
+                    report.outcome = "retrying"
                 return
-            if not self._replay_one(batch, report):
+            if not self._replay_one(batch, report, stop):
                 return
             self._breathe()
         report.outcome = "partial"
 
-    def _replay_one(self, batch: SpooledBatch, report: ReplayReport) -> bool:
+    def _replay_one(
+        self, batch: SpooledBatch, report: ReplayReport, stop: threading.Event | None
+    ) -> bool:
         """Deliver one claimed batch; False when the pass should end."""
         try:
             self._deliver(batch)
@@ -235,14 +269,13 @@ class SpoolReplayer:
             return False
         except ClickHouseUnavailableError as err:
             self._failed(report, batch, err)
-            self.store.release(batch, report.last_error)
-            if _table_specific(err):  # e.g. TOO_MANY_PARTS on this table: others may go
-                report.skipped_tables.append(batch.table)
-                return True
-            report.outcome = "unavailable"
-            if isinstance(err, CircuitOpenError):
-                report.retry_after = err.retry_after
-            return False
+            if isinstance(err, CircuitOpenError) or not self._probe():
+                self.store.release(batch, report.last_error)  # not the batch's fault
+                report.outcome = "unavailable"
+                if isinstance(err, CircuitOpenError):
+                    report.retry_after = err.retry_after
+                return False
+            return self._batch_failed(batch, report)  # ClickHouse is up: it is the batch
         except Exception as err:
             self._failed(report, batch, err)
             kind = classify(err)
@@ -257,24 +290,77 @@ class SpoolReplayer:
                 return True
             # The server (or the driver) rejected the rows themselves: retrying cannot
             # help, and the table's queue must not block forever. Kept for inspection.
-            self.store.set_aside(batch, report.last_error or "")
-            report.set_aside += 1
-            self._metrics.incr("spool_batches_set_aside")
-            log.error(
-                "spool_batch_set_aside",
-                table=batch.table,
-                batch_id=batch.batch_id,
-                rows=batch.rows,
-                error=report.last_error,
-            )
+            self._set_aside(batch, report)
             return True
-        if not self.store.ack(batch):
-            log.warning("spool_lease_lost", table=batch.table, batch_id=batch.batch_id)
         report.batches += 1
         report.rows += batch.rows
         self.last_delivery_wall = time.time()
         self._metrics.incr("spool_batches_replayed")
         self._metrics.incr("spool_rows_replayed", batch.rows)
+        self._unacked.append(batch)
+        if not self._flush_acks(stop):
+            report.outcome = "spool_full"
+            return False
+        return True
+
+    def _batch_failed(self, batch: SpooledBatch, report: ReplayReport) -> bool:
+        """Count an attempt of a batch ClickHouse answered for; set it aside when spent."""
+        attempts = batch.attempts + 1
+        if attempts >= self.max_attempts:
+            report.last_error = f"{attempts} attempts, last: {report.last_error}"
+            self._set_aside(batch, report)
+        else:
+            wait = min(FIRST_BACKOFF * 2 ** (attempts - 1), BATCH_BACKOFF_MAX)
+            self.store.retry_later(batch, report.last_error or "", wait)
+            report.skipped_tables.append(batch.table)
+        return True
+
+    def _set_aside(self, batch: SpooledBatch, report: ReplayReport) -> None:
+        self.store.set_aside(batch, report.last_error or "")
+        report.set_aside += 1
+        self._metrics.incr("spool_batches_set_aside")
+        self._metrics.incr("spool_rows_set_aside", batch.rows)
+        log.error(
+            "spool_batch_set_aside",
+            table=batch.table,
+            batch_id=batch.batch_id,
+            seq=batch.seq,
+            rows=batch.rows,
+            attempts=batch.attempts + 1,
+            error=report.last_error,
+            hint="inspect with `chresilient spool list`; retry, export or discard it",
+        )
+
+    def _flush_acks(self, stop: threading.Event | None) -> bool:
+        """Delete the delivered batches; on a full disk keep retrying (holding the replay
+        lock, so no other replayer takes them over) until it works or the replayer stops.
+        A manual replay waits at most :data:`ACK_WAIT` s, then raises."""
+        waited, wait = 0.0, FIRST_BACKOFF / 2
+        while self._unacked:
+            batch = self._unacked[0]
+            try:
+                if not self.store.ack(batch):
+                    log.warning("spool_lease_lost", table=batch.table, batch_id=batch.batch_id)
+                self._unacked.pop(0)
+                continue
+            except SpoolError as err:
+                log.error(
+                    "spool_ack_failed",
+                    batch_id=batch.batch_id,
+                    waiting=[b.batch_id for b in self._unacked],
+                    error=str(err),
+                    hint="the batch is in ClickHouse; it is not sent again while this "
+                    "process runs, and is deleted once the spool can be written",
+                )
+                self.store.compact()  # a checkpoint may give the delete its room
+                if stop is None and waited >= ACK_WAIT:
+                    raise
+            if stop is None:
+                time.sleep(wait)
+            elif stop.wait(wait):
+                return False
+            waited += wait
+            wait = min(wait * 2, ACK_BACKOFF_MAX)
         return True
 
     def _failed(self, report: ReplayReport, batch: SpooledBatch, err: BaseException) -> None:
@@ -295,10 +381,3 @@ class SpoolReplayer:
         for _ in range(BUSY_WAITS_MAX):
             if not self._busy() or self._stop.wait(BUSY_WAIT):
                 return
-
-
-def _table_specific(err: ClickHouseUnavailableError) -> bool:
-    """The server answered with a transient error (not a dead connection, not the breaker)."""
-    return not isinstance(err, CircuitOpenError) and isinstance(
-        err.last_error, driver_errors.ServerException
-    )

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any, Callable
 
+from ..errors import SpoolError
 from ..metrics import utc_iso
-from .records import BatchState, SpoolTotals
+from .records import BatchState, SpooledBatch, SpoolTotals
 from .replay import ReplayReport, SpoolReplayer
 from .store import SpoolStore
 
@@ -35,26 +37,59 @@ class Spool:
         """Undelivered batches of this target (set-aside ones excluded)."""
         return self.store.totals()
 
+    @property
+    def state(self) -> str:
+        """``ok``, ``full`` (the disk is full) or ``unwritable``."""
+        return self.store.state
+
     def status(self) -> dict[str, Any]:
         """Everything about the spool, without any row contents."""
         out = self.store.status()
         out.update(self._replay_state())
         return out
 
-    def health(self) -> dict[str, Any]:
-        """The spool section of ``mgr.health()``: cheap (two small index scans)."""
-        pending = self.store.totals()
-        failed = self.store.totals(state=BatchState.SET_ASIDE)
-        used = self.store.totals(all_targets=True)
+    def gauges(self) -> dict[str, Any]:
+        """The spool's gauges for ``metrics()``; zeros (and the state) when unreadable."""
+        try:
+            pending = self.store.totals()
+            aside = self.store.totals(state=BatchState.SET_ASIDE)
+        except SpoolError:
+            pending = aside = SpoolTotals(0, 0, 0)
         return {
             "pending_batches": pending.batches,
             "pending_rows": pending.rows,
             "pending_bytes": pending.bytes,
-            "failed_batches": failed.batches,
-            "used_bytes": used.bytes,
+            "set_aside_batches": aside.batches,
+            "set_aside_rows": aside.rows,
+            "spool_state": self.state,
+        }
+
+    def health(self) -> dict[str, Any]:
+        """The spool section of ``mgr.health()``: cheap (small index scans); a spool that
+        cannot be read is reported (``state``, ``error``), never raised."""
+        state = self.state
+        section: dict[str, Any] = {"state": state, "directory": self.store.directory}
+        try:
+            pending = self.store.totals()
+            failed = self.store.totals(state=BatchState.SET_ASIDE)
+            used = self.store.totals(all_targets=True)
+        except SpoolError as err:
+            section.update(state="unwritable" if state == "ok" else state, error=str(err))
+        else:
+            section.update(
+                pending_batches=pending.batches,
+                pending_rows=pending.rows,
+                pending_bytes=pending.bytes,
+                failed_batches=failed.batches,
+                failed_rows=failed.rows,
+                used_bytes=used.bytes,
+            )
+        if self.store.db.problem is not None and "error" not in section:
+            section["error"] = str(self.store.db.problem)
+        return {
+            **section,
             "max_bytes": self.store.max_bytes,
             "full_policy": self.store.full_policy,
-            "directory": self.store.directory,
             **self._replay_state(),
         }
 
@@ -76,13 +111,23 @@ class Spool:
         """Delete undelivered batches of this target; ``confirm=True`` is required."""
         return self.store.purge(confirm=confirm, failed_only=failed_only)
 
-    def requeue_failed(self) -> int:
-        """Retry set-aside batches (after fixing the table they were rejected by)."""
-        count = self.store.requeue_failed()
+    def requeue_failed(self, ids: Sequence[int] | None = None) -> int:
+        """Retry set-aside batches (all, or these ``seq``), attempts counted from 0: after
+        fixing the table they were rejected by."""
+        count = self.store.requeue(ids)
         if count:
             self.wake()
         return count
 
+    def set_aside(self, ids: Sequence[int] | None = None) -> list[SpooledBatch]:
+        """The batches set aside (or those with these ``seq``), oldest first."""
+        return self.store.batches(ids=ids)
+
+    def discard(self, ids: Sequence[int], confirm: bool = False) -> SpoolTotals:
+        """Delete set-aside batches for good; ``confirm=True`` is required."""
+        if confirm is not True:
+            raise ValueError("discard deletes undelivered rows; call discard(ids, confirm=True)")
+        return self.store.discard(ids)
+
     def wake(self) -> None:
         self.replayer.wake()
-

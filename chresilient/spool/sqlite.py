@@ -14,6 +14,7 @@ from .records import SCHEMA, SCHEMA_VERSION
 
 # SQLite waits this long for another process's write lock before giving up.
 BUSY_TIMEOUT = 10.0
+WAL_RESERVE = 1 << 20
 
 
 def connect(path: str) -> sqlite3.Connection:
@@ -33,14 +34,15 @@ def open_database(path: str) -> sqlite3.Connection:
         if str(mode).lower() != "wal":
             raise sqlite3.OperationalError(f"cannot switch to WAL mode (got {mode!r})")
         conn.execute("PRAGMA synchronous = FULL")
+        # After a checkpoint the WAL keeps at most this much: reused from its start by the
+        # next writes, so a delete can still be written when the disk is full.
+        conn.execute(f"PRAGMA journal_size_limit = {WAL_RESERVE}")
         conn.executescript(SCHEMA)
         conn.execute(
             "INSERT OR IGNORE INTO meta (key, value) VALUES ('schema_version', ?)",
             (str(SCHEMA_VERSION),),
         )
-        (version,) = conn.execute(
-            "SELECT value FROM meta WHERE key = 'schema_version'"
-        ).fetchone()
+        (version,) = conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
         if int(version) > SCHEMA_VERSION:
             raise sqlite3.DatabaseError(
                 f"spool schema {version} is newer than this release understands"

@@ -21,16 +21,17 @@ import contextlib
 import hashlib
 import os
 import sqlite3
-import threading
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import replace
 from typing import Any
 
 import structlog
 
 from .. import fork
-from ..errors import ConfigError, SpoolFullError
+from ..errors import SpoolFullError
 from . import codec
+from .database import SpoolDatabase
 from .records import (
     BATCH_COLUMNS,
     BatchState,
@@ -40,154 +41,85 @@ from .records import (
     batch_from_row,
     summarize,
 )
-from .sqlite import (
-    BUSY_TIMEOUT,
-    connect,
-    exclusive_flock,
-    is_disk_full,
-    open_database,
-    owner_id,
-)
+from .selection import drop_oldest, next_batch
+from .sqlite import exclusive_flock, owner_id
+from .target import Target
 
 PENDING, SET_ASIDE = BatchState.PENDING, BatchState.SET_ASIDE
 
 log = structlog.get_logger("chresilient.spool")
 
-DB_NAME = "spool.sqlite3"
 # Bytes counted per batch on top of its payload: the row's own SQLite overhead.
 BATCH_OVERHEAD = 128
 # Longest single wait while the 'block' policy waits for space.
 BLOCK_STEP = 0.25
+# A batch is ours to change: we hold its lease, or took it unleased under the replay lock.
+OURS = "(lease_owner = ? OR ?)"
 
 
 class SpoolStore:
-    """The SQLite spool of one directory, seen from one target (``user@host:port/db``).
+    """The SQLite spool of one directory, seen from one :class:`Target`.
 
-    Only batches of ``target`` are claimed, so two applications sharing a directory
-    never replay into each other's ClickHouse. The size limit covers the whole
-    directory. Thread-safe; safe after ``fork()`` (the child opens its own connection).
+    Only batches of a matching target are claimed, so two applications sharing a
+    directory never replay into each other's ClickHouse. The size limit covers the whole
+    directory. Thread-safe; safe after ``fork()``. A directory that cannot be written
+    does not stop construction: :attr:`state` says ``unwritable`` or ``full`` and every
+    write raises a :class:`SpoolError` naming the problem, until it is fixed.
     """
 
     def __init__(
         self,
         directory: str,
         *,
-        target: str,
+        target: Target | str,
         max_bytes: int,
         full_policy: str = "raise",
         block_timeout: float = 30.0,
     ) -> None:
-        self.directory = os.path.abspath(directory)
-        self.path = os.path.join(self.directory, DB_NAME)
-        self.target = target
+        self.db = SpoolDatabase(directory)
+        self.directory, self.path = self.db.directory, self.db.path
+        self.target = target if isinstance(target, Target) else Target.parse(target)
+        self.key = self.target.key
         self.max_bytes = max_bytes
         self.full_policy = full_policy
         self.block_timeout = block_timeout
-        self._lock_path = os.path.join(
-            self.directory, f"replay-{hashlib.sha1(target.encode()).hexdigest()[:12]}.lock"
-        )
-        self._reset()
-        fork.register(self)
-        self._open_checked()
-
-    def _reset(self) -> None:
-        """Fresh locks and no connections: at construction, and in a forked child (the
-        parent's SQLite handles and possibly-held locks must not be used there)."""
-        self._lock = threading.RLock()  # the writer connection
-        self._read_lock = threading.Lock()  # the reader: gauges never queue behind a write
-        self._conn: sqlite3.Connection | None = None
-        self._reader: sqlite3.Connection | None = None
+        self._matches: dict[str, bool] = {self.key: True}
+        digest = hashlib.sha1(self.target.database.encode()).hexdigest()[:12]
+        self._lock_path = os.path.join(self.directory, f"replay-{digest}.lock")
         self.owner = owner_id()
-        self._fork_held: list[Any] = []  # locks held from before_fork to after_fork
-
-    def before_fork(self) -> None:
-        """Quiesce: no thread of this process may be inside SQLite at fork time (the child
-        would inherit SQLite's own mutexes locked), and no connection may be open (the
-        child would inherit SQLite's file-lock bookkeeping without the locks). Both
-        connections are closed under their locks; they reopen on the next use."""
-        wait = BUSY_TIMEOUT + 1.0
-        self._fork_held = [
-            lock for lock in (self._lock, self._read_lock) if lock.acquire(timeout=wait)
-        ]
-        if len(self._fork_held) < 2:
-            log.warning("spool_busy_at_fork", directory=self.directory, waited=wait)
-            return
-        for conn in (self._conn, self._reader):
-            if conn is not None:
-                with contextlib.suppress(sqlite3.Error):
-                    conn.close()
-        self._conn = self._reader = None
-
-    def after_fork_in_parent(self) -> None:
-        for lock in reversed(self._fork_held):
-            lock.release()
-        self._fork_held = []
+        fork.register(self)
+        problem = self.db.check()
+        if problem is not None:
+            log.error("spool_unusable", cause=problem.cause, error=str(problem))
 
     def after_fork_in_child(self) -> None:
-        self._reset()
+        self.owner = owner_id()  # leases of the parent are not the child's
 
-    # -- connection -------------------------------------------------------------------
-    def _open_checked(self) -> None:
-        """Create and open the spool now, so a bad directory fails at construction."""
-        hint = (
-            "set CLICKHOUSE_SPOOL_DIR (Config.spool_dir) to a writable directory, or "
-            "disable the spool with CLICKHOUSE_SPOOL_ENABLED=false"
-        )
-        try:
-            os.makedirs(self.directory, exist_ok=True)
-        except OSError as err:
-            raise ConfigError(
-                "spool_dir", f"cannot create {self.directory!r}: {err.strerror or err}; {hint}"
-            ) from None
-        if not os.path.isdir(self.directory) or not os.access(self.directory, os.W_OK | os.X_OK):
-            raise ConfigError(
-                "spool_dir", f"{self.directory!r} is not a writable directory; {hint}"
-            )
-        try:
-            with self._locked() as conn:
-                conn.execute("BEGIN IMMEDIATE")
-                conn.execute("ROLLBACK")
-        except (sqlite3.Error, OSError) as err:
-            raise ConfigError(
-                "spool_dir", f"cannot write the spool in {self.directory!r}: {err}; {hint}"
-            ) from None
+    @property
+    def state(self) -> str:
+        """``ok``, ``full`` or ``unwritable`` (see :class:`SpoolDatabase`)."""
+        if self.db.state == "unwritable":
+            self.db.check()  # fixed by the operator since? (cheap: one lock round)
+        return self.db.state
 
-    @contextlib.contextmanager
-    def _locked(self) -> Iterator[sqlite3.Connection]:
-        with self._lock:
-            if self._conn is None:
-                self._conn = open_database(self.path)
-            yield self._conn
+    def targets(self, conn: sqlite3.Connection) -> list[str]:
+        """The stored target keys this store replays (its own spelling always first)."""
+        keys = [self.key]
+        for (key,) in conn.execute("SELECT DISTINCT target FROM totals"):
+            match = self._matches.get(key)
+            if match is None:
+                match = self._matches[key] = self.target.matches(Target.parse(key))
+            if match and key != self.key:
+                keys.append(key)
+        return keys
 
-    @contextlib.contextmanager
-    def _reading(self) -> Iterator[sqlite3.Connection]:
-        with self._read_lock:
-            if self._reader is None:  # the schema exists: __init__ opened the writer
-                self._reader = connect(self.path)
-            yield self._reader
-
-    @contextlib.contextmanager
-    def _transaction(self) -> Iterator[sqlite3.Connection]:
-        """``BEGIN IMMEDIATE``: takes the write lock up front, so read-then-write is atomic."""
-        with self._locked() as conn:
-            conn.execute("BEGIN IMMEDIATE")
-            try:
-                yield conn
-            except BaseException:
-                conn.execute("ROLLBACK")
-                raise
-            conn.execute("COMMIT")
+    def _mine(self, conn: sqlite3.Connection) -> tuple[str, list[str]]:
+        """``target IN (?, ...)`` and its parameters."""
+        keys = self.targets(conn)
+        return f"target IN ({', '.join('?' * len(keys))})", keys
 
     def close(self) -> None:
-        """Close the connections (they reopen on the next use)."""
-        with self._lock:
-            if self._conn is not None:
-                self._conn.close()
-            self._conn = None
-        with self._read_lock:
-            if self._reader is not None:
-                self._reader.close()
-            self._reader = None
+        self.db.close()
 
     # -- writing ------------------------------------------------------------------------
     def put(
@@ -200,7 +132,8 @@ class SpoolStore:
         settings: Mapping[str, Any] | None = None,
         on_full: Callable[[], None] | None = None,
     ) -> PutResult:
-        """Store one whole batch durably, or raise :class:`SpoolFullError`.
+        """Store one whole batch durably, or raise :class:`SpoolError` (``SpoolFullError``
+        when the limit or the disk is full, after the ``block`` policy's wait).
 
         Raises :class:`chresilient.codec.SpoolEncodeError` for a value that cannot be
         stored exactly. ``on_full`` is called while the ``block`` policy waits for space
@@ -210,78 +143,64 @@ class SpoolStore:
         cols = None if columns is None else codec.encode_json(list(columns))
         sets = codec.encode_json(dict(settings)) if settings else None
         size = len(payload) + len(cols or "") + len(sets or "") + len(table) + BATCH_OVERHEAD
-        record = (batch_id, self.target, table, cols, sets, codec.CODEC_VERSION, len(rows), size)
+        record = (batch_id, self.key, table, cols, sets, codec.CODEC_VERSION, len(rows), size)
         if size > self.max_bytes:
             raise SpoolFullError(
                 f"batch of {size} bytes is larger than the whole spool "
-                f"(spool_max_bytes={self.max_bytes}); split it into smaller batches"
+                f"(spool_max_bytes={self.max_bytes}); split it into smaller batches",
+                cause="limit",
+                path=self.directory,
             )
         deadline = time.monotonic() + self.block_timeout
         while True:
+            full: SpoolFullError
             try:
                 result = self._put_once(record, payload)
-            except sqlite3.Error as err:
-                if is_disk_full(err):
-                    raise SpoolFullError(
-                        f"the disk holding the spool {self.directory!r} is full: {err}"
-                    ) from err
-                raise
-            if result is not None:
-                return result
-            used = self.totals(all_targets=True).bytes
-            message = (
-                f"spool is full: {used} of {self.max_bytes} bytes used, a batch of "
-                f"{size} bytes does not fit (spool_full_policy={self.full_policy!r})"
-            )
+                if result is not None:
+                    return result
+                used = self.totals(all_targets=True).bytes
+                full = SpoolFullError(
+                    f"spool is full: {used} of {self.max_bytes} bytes used, a batch of "
+                    f"{size} bytes does not fit (spool_full_policy={self.full_policy!r}); "
+                    "set-aside batches are never evicted: see `chresilient spool list`",
+                    cause="limit",
+                    path=self.directory,
+                )
+            except SpoolFullError as err:  # the disk itself is full
+                full = err
             remaining = deadline - time.monotonic()
             if self.full_policy != "block" or remaining <= 0:
-                raise SpoolFullError(message)
+                raise full
             if on_full is not None:
                 on_full()
             time.sleep(min(BLOCK_STEP, remaining))
 
     def _put_once(self, record: tuple[Any, ...], payload: bytes) -> PutResult | None:
         size = record[-1]
-        with self._transaction() as conn:
+        dropped: list[tuple[str, str, int]] = []
+        with self.db.write("put") as conn:
             (used,) = conn.execute("SELECT total(nbytes) FROM totals").fetchone()
-            dropped = (0, 0)
             if used + size > self.max_bytes:
                 if self.full_policy != "drop_oldest":
                     return None
-                dropped = self._drop_oldest(conn, int(used) + size - self.max_bytes)
-                if dropped[0] < 0:
+                dropped = drop_oldest(conn, int(used) + size - self.max_bytes)
+                if not dropped:
                     return None
             conn.execute(
                 "INSERT INTO batches (batch_id, target, tbl, columns, settings, codec, nrows, "
                 "nbytes, created, payload) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (*record, time.time(), payload),
             )
-        if dropped[0]:
+        rows = sum(n for _, _, n in dropped)
+        for table, batch_id, nrows in dropped:
             log.warning(
                 "spool_dropped_oldest",
-                dropped_batches=dropped[0],
-                dropped_rows=dropped[1],
+                table=table,
+                batch_id=batch_id,
+                rows=nrows,
                 reason="spool full, spool_full_policy='drop_oldest'",
             )
-        return PutResult(size, dropped[0], dropped[1])
-
-    def _drop_oldest(self, conn: sqlite3.Connection, needed: int) -> tuple[int, int]:
-        """Delete the oldest batches not being replayed right now; (-1, 0) if not enough."""
-        now = time.time()
-        victims: list[int] = []
-        freed = rows = 0
-        for seq, nbytes, nrows in conn.execute(
-            "SELECT seq, nbytes, nrows FROM batches WHERE lease_until < ? ORDER BY seq", (now,)
-        ):
-            victims.append(seq)
-            freed += nbytes
-            rows += nrows
-            if freed >= needed:
-                break
-        if freed < needed:
-            return -1, 0
-        conn.executemany("DELETE FROM batches WHERE seq = ?", [(s,) for s in victims])
-        return len(victims), rows
+        return PutResult(size, len(dropped), rows)
 
     # -- replaying ----------------------------------------------------------------------
     def claim(
@@ -294,126 +213,184 @@ class SpoolStore:
         """Lease the oldest pending batch of a table whose earlier batches are all done.
 
         A batch leased by another owner is skipped until its lease expires, unless
-        ``steal`` (the caller holds the replay lock, which proves that owner is gone).
+        ``steal`` (the caller holds the replay lock, which proves that owner is gone); a
+        batch waiting for its retry time (:meth:`retry_later`) holds its table back. When
+        the disk is too full to write the lease, a caller holding the replay lock still
+        gets the batch (``leased=False``), so a full disk does not stop the spool draining.
         """
-        now = time.time()
-        blocked = set(skip_tables)
-        with self._transaction() as conn:
-            chosen = None
-            cur = conn.execute(
-                "SELECT seq, tbl, lease_owner, lease_until FROM batches "
-                "WHERE target = ? AND state = ? ORDER BY seq",
-                (self.target, PENDING),
-            )
-            try:
-                # Usually the very first row: the oldest batch is the head of its table.
-                for seq, tbl, owner, until in cur:
-                    if tbl in blocked:
-                        continue
-                    if (
-                        steal
-                        or owner is None
-                        or owner == self.owner
-                        or until < now
-                        or until > now + 2 * lease_seconds  # the clock went back
-                    ):
-                        chosen = seq
-                        break
-                    blocked.add(tbl)  # its head is someone else's: keep the table's order
-            finally:
-                cur.close()
+        try:
+            with self.db.write("claim") as conn:
+                chosen = self._next(conn, lease_seconds, skip_tables, steal)
+                if chosen is None:
+                    return None
+                conn.execute(
+                    "UPDATE batches SET lease_owner = ?, lease_until = ? WHERE seq = ?",
+                    (self.owner, time.time() + lease_seconds, chosen),
+                )
+                row = conn.execute(
+                    f"SELECT {BATCH_COLUMNS} FROM batches WHERE seq = ?", (chosen,)
+                ).fetchone()
+            return batch_from_row(row)
+        except SpoolFullError:
+            if not steal:
+                raise
+        with self.db.read() as conn:
+            chosen = self._next(conn, lease_seconds, skip_tables, steal)
             if chosen is None:
                 return None
-            conn.execute(
-                "UPDATE batches SET lease_owner = ?, lease_until = ?, attempts = attempts + 1 "
-                "WHERE seq = ?",
-                (self.owner, now + lease_seconds, chosen),
-            )
             row = conn.execute(
                 f"SELECT {BATCH_COLUMNS} FROM batches WHERE seq = ?", (chosen,)
             ).fetchone()
-        return batch_from_row(row)
+        return replace(batch_from_row(row), leased=False)
+
+    def _next(
+        self,
+        conn: sqlite3.Connection,
+        lease_seconds: float,
+        skip_tables: Sequence[str],
+        steal: bool,
+    ) -> int | None:
+        where, keys = self._mine(conn)
+        return next_batch(
+            conn,
+            where,
+            keys,
+            owner=self.owner,
+            lease_seconds=lease_seconds,
+            skip_tables=skip_tables,
+            steal=steal,
+        )
 
     def ack(self, batch: SpooledBatch) -> bool:
-        """Delete a delivered batch; False if another owner had taken it over meanwhile."""
-        with self._transaction() as conn:
+        """Delete a delivered batch; False if another owner had taken it over meanwhile.
+        Raises :class:`SpoolError` if the delete cannot be written (e.g. disk full)."""
+        with self.db.write("ack") as conn:
             cur = conn.execute(
-                "DELETE FROM batches WHERE seq = ? AND lease_owner = ?", (batch.seq, self.owner)
+                f"DELETE FROM batches WHERE seq = ? AND {OURS}",
+                (batch.seq, self.owner, not batch.leased),
             )
             return cur.rowcount == 1
 
     def release(self, batch: SpooledBatch, error: str | None) -> None:
-        """Give a claimed batch back (delivery failed, try later)."""
-        with self._transaction() as conn:
-            conn.execute(
-                "UPDATE batches SET lease_owner = NULL, lease_until = 0, last_error = ? "
-                "WHERE seq = ? AND lease_owner = ?",
-                (error, batch.seq, self.owner),
-            )
+        """Give a claimed batch back uncounted (ClickHouse was unavailable)."""
+        self._update(batch, "lease_owner = NULL, lease_until = 0, last_error = ?", error)
+
+    def retry_later(self, batch: SpooledBatch, error: str, delay: float) -> None:
+        """Count a failed attempt of this batch and hold its table back ``delay`` s."""
+        self._update(
+            batch,
+            "attempts = attempts + 1, lease_owner = NULL, lease_until = ?, last_error = ?",
+            time.time() + delay,
+            error,
+        )
 
     def set_aside(self, batch: SpooledBatch, error: str) -> None:
-        """Mark a batch the server rejected for good; it stays until purged or requeued."""
-        with self._transaction() as conn:
+        """Take a batch out of the queue (rejected for good, or out of attempts); it stays
+        until the operator retries, exports or discards it."""
+        self._update(
+            batch,
+            "state = ?, attempts = attempts + 1, lease_owner = NULL, lease_until = 0, "
+            "last_error = ?",
+            SET_ASIDE,
+            error,
+        )
+
+    def _update(self, batch: SpooledBatch, assignments: str, *values: Any) -> None:
+        with self.db.write("update") as conn:
             conn.execute(
-                "UPDATE batches SET state = ?, lease_owner = NULL, lease_until = 0, "
-                "last_error = ? WHERE seq = ? AND lease_owner = ?",
-                (SET_ASIDE, error, batch.seq, self.owner),
+                f"UPDATE batches SET {assignments} WHERE seq = ? AND {OURS}",
+                (*values, batch.seq, self.owner, not batch.leased),
             )
 
-    def requeue_failed(self) -> int:
-        """Put set-aside batches of this target back in the queue (e.g. after a fix)."""
-        with self._transaction() as conn:
+    def replay_lock(self) -> contextlib.AbstractContextManager[bool | None]:
+        """Hold this database's replay lock: True if held, False if another replayer has
+        it, None if the file system has no ``flock`` (then only leases protect batches)."""
+        return exclusive_flock(self._lock_path)
+
+    # -- operator ------------------------------------------------------------------------
+    def batches(
+        self, state: BatchState = SET_ASIDE, ids: Sequence[int] | None = None
+    ) -> list[SpooledBatch]:
+        """This target's batches in ``state`` (or those with these ``seq`` numbers)."""
+        with self.db.read() as conn:
+            where, keys = self._mine(conn)
+            sql = f"SELECT {BATCH_COLUMNS} FROM batches WHERE {where}"
+            params: list[Any] = list(keys)
+            if ids is None:
+                sql += " AND state = ?"
+                params.append(state)
+            else:
+                sql += f" AND seq IN ({', '.join('?' * len(ids))})"
+                params.extend(ids)
+            rows = conn.execute(sql + " ORDER BY seq", params).fetchall()
+        return [batch_from_row(r) for r in rows]
+
+    def requeue(self, ids: Sequence[int] | None = None) -> int:
+        """Put set-aside batches (all, or these ``seq``) back in the queue, attempts at 0."""
+        with self.db.write("requeue") as conn:
+            where, keys = self._mine(conn)
+            picked = "" if ids is None else f" AND seq IN ({', '.join('?' * len(ids))})"
             cur = conn.execute(
-                "UPDATE batches SET state = ? WHERE target = ? AND state = ?",
-                (PENDING, self.target, SET_ASIDE),
+                "UPDATE batches SET state = ?, attempts = 0, lease_owner = NULL, "
+                f"lease_until = 0 WHERE {where} AND state = ?{picked}",
+                (PENDING, *keys, SET_ASIDE, *(ids or ())),
             )
             return cur.rowcount
 
-    def replay_lock(self) -> contextlib.AbstractContextManager[bool | None]:
-        """Hold this target's replay lock: True if held, False if another replayer has it,
-        None if the file system has no ``flock`` (then only leases protect batches)."""
-        return exclusive_flock(self._lock_path)
+    def discard(self, ids: Sequence[int]) -> SpoolTotals:
+        """Delete these set-aside batches (pending ones are never discarded by id)."""
+        marks = ", ".join("?" * len(ids))
+        with self.db.write("discard") as conn:
+            where, keys = self._mine(conn)
+            sql = f"FROM batches WHERE {where} AND state = ? AND seq IN ({marks})"
+            params = (*keys, SET_ASIDE, *ids)
+            row = conn.execute(f"SELECT count(*), total(nrows), total(nbytes) {sql}", params)
+            found = row.fetchone()
+            conn.execute(f"DELETE {sql}", params)
+        gone = SpoolTotals(int(found[0]), int(found[1]), int(found[2]))
+        log.warning("spool_discarded", batches=gone.batches, rows=gone.rows, ids=list(ids))
+        return gone
 
     # -- reading and housekeeping -------------------------------------------------------------
-    def totals(
-        self, *, all_targets: bool = False, state: BatchState = PENDING
-    ) -> SpoolTotals:
+    def totals(self, *, all_targets: bool = False, state: BatchState = PENDING) -> SpoolTotals:
         """Batches, rows and bytes of this target in ``state`` (or of the whole spool)."""
         query = "SELECT total(batches), total(nrows), total(nbytes) FROM totals"
-        with self._reading() as conn:
+        with self.db.read() as conn:
             if all_targets:
                 row = conn.execute(query).fetchone()
             else:
+                where, keys = self._mine(conn)
                 row = conn.execute(
-                    query + " WHERE target = ? AND state = ?", (self.target, int(state))
+                    f"{query} WHERE {where} AND state = ?", (*keys, int(state))
                 ).fetchone()
         return SpoolTotals(int(row[0]), int(row[1]), int(row[2]))
 
     def status(self) -> dict[str, Any]:
         """What is in the spool, per table, without any row contents."""
         now = time.time()
-        with self._reading() as conn:
+        with self.db.read() as conn:
+            where, keys = self._mine(conn)
             tables = conn.execute(
                 "SELECT tbl, state, count(*), total(nrows), total(nbytes), min(created), "
-                "sum(lease_until > ?) FROM batches WHERE target = ? GROUP BY tbl, state "
-                "ORDER BY tbl, state",
-                (now, self.target),
+                f"sum(lease_owner IS NOT NULL AND lease_until > ?) FROM batches WHERE {where} "
+                "GROUP BY tbl, state ORDER BY tbl, state",
+                (now, *keys),
             ).fetchall()
             others = conn.execute(
-                "SELECT target, count(*), total(nrows) FROM batches WHERE target != ? "
-                "GROUP BY target",
-                (self.target,),
+                "SELECT target, count(*), total(nrows) FROM batches "
+                f"WHERE NOT ({where}) GROUP BY target",
+                keys,
             ).fetchall()
             (errors,) = conn.execute(
-                "SELECT last_error FROM batches WHERE target = ? AND last_error IS NOT NULL "
+                f"SELECT last_error FROM batches WHERE {where} AND last_error IS NOT NULL "
                 "ORDER BY seq DESC LIMIT 1",
-                (self.target,),
+                keys,
             ).fetchone() or (None,)
         return summarize(
             tables,
             others,
             now=now,
-            header={"directory": self.directory, "target": self.target},
+            header={"directory": self.directory, "target": self.key, "state": self.state},
             footer={
                 "used_bytes": self.totals(all_targets=True).bytes,
                 "max_bytes": self.max_bytes,
@@ -426,25 +403,28 @@ class SpoolStore:
         """Delete this target's batches (all, or only the set-aside ones). Needs ``confirm``."""
         if confirm is not True:
             raise ValueError("purge deletes undelivered rows; call purge(confirm=True)")
-        where = "target = ?" + (" AND state = ?" if failed_only else "")
-        params: tuple[Any, ...] = (self.target, SET_ASIDE) if failed_only else (self.target,)
-        with self._transaction() as conn:
+        with self.db.write("purge") as conn:
+            where, keys = self._mine(conn)
+            params: tuple[Any, ...] = tuple(keys)
+            if failed_only:
+                where, params = f"{where} AND state = ?", (*keys, SET_ASIDE)
             row = conn.execute(
                 f"SELECT count(*), total(nrows), total(nbytes) FROM batches WHERE {where}",
                 params,
             ).fetchone()
             conn.execute(f"DELETE FROM batches WHERE {where}", params)
         purged = SpoolTotals(int(row[0]), int(row[1]), int(row[2]))
-        log.warning("spool_purged", batches=purged.batches, rows=purged.rows, target=self.target)
+        log.warning("spool_purged", batches=purged.batches, rows=purged.rows, target=self.key)
         self.compact()
         return purged
 
     def compact(self) -> None:
-        """Give disk space back once the spool is empty (the file never shrinks by itself)."""
-        with self._locked() as conn:
+        """Give disk space back: the WAL after every pass, the file once the spool is
+        empty (it never shrinks by itself)."""
+        empty = False
+        with contextlib.suppress(sqlite3.Error, OSError), self.db.locked() as conn:
             (count,) = conn.execute("SELECT total(batches) FROM totals").fetchone()
-            if count:
-                return
-            conn.execute("PRAGMA incremental_vacuum")
-            with contextlib.suppress(sqlite3.OperationalError):  # busy readers: next time
-                conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+            if not count:
+                conn.execute("PRAGMA incremental_vacuum")
+                empty = True
+        self.db.checkpoint(truncate=empty)

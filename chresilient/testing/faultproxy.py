@@ -132,6 +132,7 @@ class _Connection:
         self.upstream: socket.socket | None = None
         self.budget = budget  # bytes to forward before a reset (connections born in RESET)
         self.forwarded = 0
+        self.unanswered = 0  # bytes the client sent since the server last sent any
         self.reset_requested = False
         self.done = threading.Event()
         self.thread = threading.Thread(
@@ -170,6 +171,15 @@ class _Connection:
         finally:
             self.proxy._forget(self)
             self.done.set()
+
+    def _oversized(self, from_client: bool, size: int) -> bool:
+        """The client sent more than ``max_request_bytes`` with no answer in between."""
+        limit = self.proxy.max_request_bytes
+        self.unanswered = self.unanswered + size if from_client else 0
+        if limit is None or self.unanswered <= limit:
+            return False
+        self.proxy.oversized_resets_total += 1
+        return True
 
     def _pump(self, client: socket.socket, upstream: socket.socket) -> None:
         proxy = self.proxy
@@ -236,6 +246,8 @@ class _Connection:
                             if not reset_pending:
                                 proxy.budget_reset()
                             reset_pending = True
+                    if self._oversized(d is up, len(data)):
+                        raise ConnectionResetError("request over max_request_bytes")
                     if data:
                         delay = proxy.latency if mode is Mode.LATENCY else 0.0
                         d.push(time.monotonic() + delay, data)
@@ -305,6 +317,10 @@ class FaultProxy:
         self._rejected_over_limit = 0
         self._resets_left: int | None = None  # RESET mode: budget resets before PASS
         self.budget_resets_total = 0
+        # Any mode: reset a connection whose client sends more than this many bytes with no
+        # answer in between (one request too large, as a middlebox might): a poison batch.
+        self.max_request_bytes: int | None = None
+        self.oversized_resets_total = 0
 
     # ------------------------------------------------------------------ properties
 
@@ -459,6 +475,10 @@ class FaultProxy:
                 if self._resets_left <= 0:
                     self._resets_left = None
                     self._mode = Mode.PASS
+
+    def reset_large_requests(self, max_bytes: int | None) -> None:
+        """Reset connections that send more than ``max_bytes`` in one go (None: off)."""
+        self.max_request_bytes = max_bytes
 
     def delay(self, latency: float) -> None:
         self.set_mode(Mode.LATENCY, latency=latency)

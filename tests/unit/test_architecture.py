@@ -26,9 +26,10 @@ LAYERS: list[set[str]] = [
     {"pool"},
     {"hosts"},
     {"executor", "startup"},
-    {"spool", "health", "observability", "ingest", "prometheus", "reports"},
+    {"spool", "health", "observability", "ingest", "spool_setup", "prometheus", "reports"},
     {"manager"},
-    {"client", "sqlalchemy", "checks", "cli", "contrib", "testing", "__main__", "__init__"},
+    {"client", "sqlalchemy", "checks", "cli", "cli_spool", "contrib", "testing"}
+    | {"__main__", "__init__"},
 ]
 
 

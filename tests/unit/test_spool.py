@@ -307,15 +307,36 @@ def test_bad_rows_fail_before_anything_is_sent_or_spooled(tmp_path: Path) -> Non
         mgr.close()
 
 
-def test_unwritable_spool_dir_is_a_config_error_at_construction(tmp_path: Path) -> None:
+def test_unwritable_spool_dir_starts_degraded_and_names_the_problem(tmp_path: Path) -> None:
+    from chresilient import SpoolError
+
     blocker = tmp_path / "a-file"
     blocker.write_text("not a directory")
     for bad in (blocker / "spool", blocker):
-        cfg = Config(host="127.0.0.1", port=1, spool_dir=str(bad))
-        with pytest.raises(ConfigError) as info:
-            ClickHouseConnectionManager(cfg)
-        assert info.value.field == "spool_dir"
-        assert str(bad) in str(info.value)
+        mgr = ClickHouseConnectionManager(_refusing_config(tmp_path, spool_dir=str(bad)))
+        try:
+            assert mgr.spool is not None and mgr.spool.state == "unwritable"
+            health = mgr.health()
+            assert health["spool"]["state"] == "unwritable"
+            assert mgr.metrics()["spool_state"] == "unwritable"
+            with pytest.raises(SpoolError) as info:  # an outage: the batch cannot be kept
+                mgr.insert("t", [(1, "a")], ["id", "s"])
+            assert info.value.cause == "unwritable" and info.value.path == str(bad)
+            assert str(bad) in str(info.value) and "CLICKHOUSE_SPOOL_DIR" in str(info.value)
+            assert info.value.clickhouse_error is not None
+        finally:
+            mgr.close()
+    # Fixed by the operator: the spool works again without a restart.
+    fixed = tmp_path / "fixed"
+    fixed.write_text("in the way")
+    mgr = ClickHouseConnectionManager(_refusing_config(tmp_path, spool_dir=str(fixed / "s")))
+    try:
+        assert mgr.spool is not None and mgr.spool.state == "unwritable"
+        fixed.unlink()
+        assert mgr.insert("t", [(1, "a")], ["id", "s"]).spooled
+        assert mgr.spool.state == "ok"
+    finally:
+        mgr.close()
     # Disabled spool: no directory needed, and insert() raises instead of spooling.
     mgr = ClickHouseConnectionManager(
         Config(host="127.0.0.1", port=1, spool_dir=str(blocker / "spool"), spool_enabled=False)
@@ -388,8 +409,7 @@ def _refusing_config(tmp_path: Path, **changes: Any) -> Config:
             initial_delay=0.02, max_delay=0.2, timeout_per_attempt=3.0, total_timeout=20.0
         ),
         breaker=CircuitBreakerConfig(failure_threshold=5, recovery_timeout=1.0),
-        spool_dir=str(tmp_path / "spool"),
-        **changes,
+        **{"spool_dir": str(tmp_path / "spool"), **changes},
     )
 
 

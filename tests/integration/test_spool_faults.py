@@ -1,0 +1,268 @@
+"""The spool under a full disk and poison batches, against a real server.
+
+The disk is a real small tmpfs the test mounts (root is required: the suite fails, not
+skips, without it); outages are a real TCP fault proxy refusing connections; the poison
+batches are a 20,000-row batch the proxy resets the connection on (a request too large
+for a middlebox) and a batch for a table dropped meanwhile.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import subprocess
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from clickhouse_driver import Client
+from helpers import make_config, subprocess_env, wait_until
+from test_cli import run_cli
+
+from chresilient import ClickHouseConnectionManager, SpoolFullError
+from chresilient.testing.faultproxy import FaultProxy
+
+ROWS = 20  # per small batch
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path) -> Iterator[Path]:
+    """A 4 MiB tmpfs, unmounted afterwards."""
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    done = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(mount)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if done.returncode != 0:
+        pytest.fail(f"cannot mount a tmpfs for the disk-full tests (root needed): {done.stderr}")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def fill(disk: Path) -> Path:
+    """Take every free byte of ``disk``; returns the filler file (delete it to free)."""
+    filler = disk / "filler"
+    fd = os.open(filler, os.O_WRONLY | os.O_CREAT, 0o600)
+    try:
+        chunk = b"\0" * 65536
+        while True:
+            try:
+                os.write(fd, chunk)
+            except OSError:
+                if len(chunk) == 1:
+                    break
+                chunk = chunk[: len(chunk) // 2]
+    finally:
+        os.close(fd)
+    assert os.statvfs(disk).f_bavail == 0
+    return filler
+
+
+def _table(client: Client, name: str) -> str:
+    table = f"{name}_{uuid.uuid4().hex[:8]}"
+    client.execute(f"CREATE TABLE {table} (id UInt64, s String) ENGINE = MergeTree ORDER BY id")
+    return table
+
+
+def _exactly(client: Client, table: str) -> tuple[int, int]:
+    (row,) = client.execute(f"SELECT count(), uniqExact(id) FROM {table}")
+    return int(row[0]), int(row[1])
+
+
+def _rows(batch: int, size: int = ROWS) -> list[tuple[int, str]]:
+    return [(batch * 100_000 + i, f"row-{batch}-{i}") for i in range(size)]
+
+
+def test_disk_full_during_replay_then_freed_stores_every_row_once(
+    clickhouse: Any, client: Client, fault_proxy: FaultProxy, small_disk: Path
+) -> None:
+    table = _table(client, "full")
+    cfg = make_config(
+        clickhouse,
+        host=fault_proxy.host,
+        port=fault_proxy.port,
+        spool_dir=str(small_disk / "spool"),
+        spool_replay_interval=0.2,
+    )
+    with ClickHouseConnectionManager(cfg) as mgr:
+        assert mgr.spool is not None
+        fault_proxy.refuse()
+        batches = 40
+        for n in range(batches):
+            assert mgr.insert(table, _rows(n), ["id", "s"]).spooled
+        mgr.start(wait=False)
+        filler = fill(small_disk)
+        fault_proxy.pass_through()
+        # With the disk full the replayer may deliver (the WAL's reserve holds the deletes)
+        # or stall; either way it must not send a batch twice, and nothing may be lost.
+        wait_until(lambda: _exactly(client, table)[0] > 0, 30, what="replay to start")
+        count, unique = _exactly(client, table)
+        assert count == unique
+        assert mgr.health()["spool"]["state"] in ("ok", "full")
+        filler.unlink()
+        wait_until(
+            lambda: mgr.spool is not None and mgr.spool.pending().batches == 0,
+            60,
+            what="the spool to drain",
+        )
+        assert _exactly(client, table) == (batches * ROWS, batches * ROWS)
+        assert mgr.health()["spool"]["state"] == "ok"
+
+
+def test_a_manager_starts_on_a_full_spool_disk_and_serves_queries(
+    clickhouse: Any, client: Client, fault_proxy: FaultProxy, small_disk: Path
+) -> None:
+    table = _table(client, "fullstart")
+    spool_dir = small_disk / "spool"
+    cfg = make_config(
+        clickhouse, host=fault_proxy.host, port=fault_proxy.port, spool_dir=str(spool_dir)
+    )
+    fault_proxy.refuse()
+    with ClickHouseConnectionManager(cfg) as first:
+        assert first.insert(table, _rows(0), ["id", "s"]).spooled
+    filler = fill(small_disk)
+    fault_proxy.pass_through()
+    with ClickHouseConnectionManager(cfg) as mgr:
+        assert mgr.execute("SELECT 1") == [(1,)]
+        health = mgr.health()
+        assert health["spool"]["state"] == "full" and "spool: full" in health["reasons"]
+        assert mgr.metrics()["spool_state"] == "full"
+        fault_proxy.refuse()
+        fault_proxy.reset_active()  # the pooled connection too
+        big = [(i, os.urandom(32).hex()) for i in range(40_000)]  # over the WAL's reserve
+        with pytest.raises(SpoolFullError) as info:
+            mgr.insert(table, big, ["id", "s"])
+        assert info.value.cause == "disk full" and info.value.path == str(spool_dir)
+        assert "free space" in str(info.value)
+        fault_proxy.pass_through()
+        filler.unlink()
+        mgr.start(wait=True, timeout=30)
+        wait_until(lambda: _exactly(client, table) == (ROWS, ROWS), 30, what="replay")
+        assert mgr.health()["spool"]["state"] == "ok"
+
+
+def test_poison_batches_are_set_aside_while_the_rest_flows(
+    clickhouse: Any, client: Client, fault_proxy: FaultProxy, tmp_path: Path
+) -> None:
+    ta, tb, gone = (_table(client, n) for n in ("pa", "pb", "pgone"))
+    cfg = make_config(
+        clickhouse,
+        host=fault_proxy.host,
+        port=fault_proxy.port,
+        spool_dir=str(tmp_path / "spool"),
+        spool_replay_interval=0.2,
+        spool_max_attempts=3,
+    )
+    big = [(900_000_000 + i, "y" * 60) for i in range(20_000)]
+    with ClickHouseConnectionManager(cfg) as mgr:
+        fault_proxy.refuse()
+        for n in range(100):
+            assert mgr.insert(ta if n % 2 else tb, _rows(n, 5), ["id", "s"]).spooled
+            if n == 10:
+                assert mgr.insert(ta, big, ["id", "s"]).spooled  # dropped on the wire
+                assert mgr.insert(gone, _rows(n, 5), ["id", "s"]).spooled
+        client.execute(f"DROP TABLE {gone}")  # rejected for good on replay
+        opens = mgr.metrics()["circuit_breaker_opens"]
+        fault_proxy.reset_large_requests(200_000)
+        fault_proxy.pass_through()
+        mgr.start(wait=True, timeout=30)
+        assert mgr.spool is not None
+        spool = mgr.spool
+        wait_until(
+            lambda: spool.pending().batches == 0 and len(spool.set_aside()) == 2,
+            90,
+            what="100 batches delivered and 2 set aside",
+        )
+        assert _exactly(client, ta) == (250, 250) and _exactly(client, tb) == (250, 250)
+        assert mgr.metrics()["circuit_breaker_opens"] == opens  # replay never opened it
+        assert mgr.execute("SELECT 1") == [(1,)]  # live traffic was never refused
+        poison, rejected = sorted(spool.set_aside(), key=lambda b: b.table != ta)
+        assert poison.rows == 20_000 and poison.attempts == 3
+        assert fault_proxy.oversized_resets_total >= 3
+        assert rejected.attempts == 1 and "60" in (rejected.last_error or "")  # UNKNOWN_TABLE
+        health = mgr.health()
+        assert health["spool"]["failed_batches"] == 2
+        assert health["spool"]["failed_rows"] == 20_005
+        assert mgr.metrics()["set_aside_rows"] == 20_005
+        fault_proxy.reset_large_requests(None)
+
+    # The operator: list, export and load the poison batch, retry the other.
+    env = subprocess_env(
+        clickhouse,
+        tmp_path,
+        CLICKHOUSE_HOST=fault_proxy.host,
+        CLICKHOUSE_PORT=str(fault_proxy.port),
+        CLICKHOUSE_SPOOL_MAX_ATTEMPTS="3",
+    )
+    listed = run_cli(["spool", "list"], env)
+    assert listed.returncode == 0, listed.stderr
+    seqs = {b["table"].strip("`"): b["seq"] for b in json.loads(listed.stdout)}
+    assert set(seqs) == {ta, gone} and "y" * 60 not in listed.stdout  # no row contents
+    export = tmp_path / "poison.jsonl"
+    done = run_cli(["spool", "export", str(seqs[ta]), "--output", str(export)], env)
+    assert done.returncode == 0, done.stderr
+    assert "clickhouse-client" in done.stderr
+    with export.open() as fh:
+        subprocess.run(
+            ["clickhouse-client", "--host", clickhouse.host, "--port", str(clickhouse.port),
+             "--user", clickhouse.user, "--password", clickhouse.password,
+             "--query", f"INSERT INTO {clickhouse.database}.{ta} (id, s) FORMAT JSONEachRow"],
+            stdin=fh, check=True, timeout=60,
+        )  # fmt: skip
+    assert _exactly(client, ta) == (20_250, 20_250)
+    assert run_cli(["spool", "discard", str(seqs[ta]), "--yes"], env).returncode == 0
+    client.execute(f"CREATE TABLE {gone} (id UInt64, s String) ENGINE = MergeTree ORDER BY id")
+    assert run_cli(["spool", "retry", str(seqs[gone])], env).returncode == 0
+    replayed = run_cli(["spool", "replay"], env)
+    assert replayed.returncode == 0, replayed.stderr
+    assert json.loads(replayed.stdout)["batches"] == 1
+    assert _exactly(client, gone) == (5, 5)
+    assert json.loads(run_cli(["spool", "list"], env).stdout) == []
+
+
+def test_a_spool_is_replayed_by_a_manager_spelling_its_hosts_differently(
+    clickhouse: Any, client: Client, fault_proxy: FaultProxy, tmp_path: Path
+) -> None:
+    table = _table(client, "spelled")
+    spool_dir = str(tmp_path / "spool")
+    with contextlib.closing(FaultProxy(("127.0.0.1", fault_proxy.port))) as other:
+        other.start()  # another ClickHouse address, also in the spool directory
+        fault_proxy.refuse()
+        other.refuse()
+        for host, port, n in (("127.0.0.1", fault_proxy.port, 0), ("127.0.0.1", other.port, 1)):
+            cfg = make_config(clickhouse, host=host, port=port, spool_dir=spool_dir)
+            with ClickHouseConnectionManager(cfg) as writer:
+                assert writer.insert(table, _rows(n), ["id", "s"]).spooled
+        fault_proxy.pass_through()
+        # localhost instead of 127.0.0.1, and a replica added to the list.
+        reader_cfg = make_config(
+            clickhouse,
+            host="localhost",
+            port=fault_proxy.port,
+            alt_hosts=(f"127.0.0.1:{_free_port()}",),
+            spool_dir=spool_dir,
+        )
+        with ClickHouseConnectionManager(reader_cfg) as reader:
+            assert reader.spool is not None
+            assert reader.spool.pending().batches == 1  # its own; not the other address's
+            report = reader.spool.replay()
+            assert (report.outcome, report.batches) == ("drained", 1)
+        assert _exactly(client, table) == (ROWS, ROWS)
+        (row,) = client.execute(f"SELECT min(id) FROM {table}")
+        assert row[0] == 0  # batch 0: the one spooled for this address
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])

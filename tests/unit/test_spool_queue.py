@@ -1,0 +1,234 @@
+"""The spool queue's own logic, on a real SQLite file: target identity, poison batches,
+set-aside batches, and deletes that cannot be written. No server: the replayer's
+``deliver`` and ``probe`` are plain functions here (the integration tests drive them
+through a real ClickHouse)."""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+from pathlib import Path
+from typing import Any
+
+import pytest
+from clickhouse_driver import errors as driver_errors
+
+import chresilient.spool.replay as replay_module
+import chresilient.spool.sqlite as spool_sqlite
+from chresilient import ClickHouseUnavailableError, SpoolError
+from chresilient.metrics import Metrics
+from chresilient.spool import SpoolReplayer, SpoolStore
+from chresilient.spool.records import SpooledBatch
+from chresilient.spool.target import Target, canonical, target_of
+
+
+def _store(path: Path, target: str = "127.0.0.1:9000/default", **kwargs: Any) -> SpoolStore:
+    kwargs.setdefault("max_bytes", 10_000_000)
+    return SpoolStore(str(path), target=target, **kwargs)
+
+
+# -- target identity ---------------------------------------------------------------------
+def test_endpoint_spellings_of_one_server_are_one_endpoint() -> None:
+    assert canonical("localhost:9000") == canonical("127.0.0.1:9000") == "loopback:9000"
+    assert canonical("[::1]:9000") == canonical("LOCALHOST.:9000") == "loopback:9000"
+    assert canonical("[2001:DB8:0:0::1]:9000") == "[2001:db8::1]:9000"
+    assert canonical("CH-1.Example.COM:9000") == "ch-1.example.com:9000"
+    assert canonical("127.0.0.1:9001") != canonical("127.0.0.1:9000")
+
+
+def test_targets_match_across_spelling_order_and_added_replicas() -> None:
+    written = target_of([("127.0.0.1", 9000), ("ch-2.invalid", 9000)], "db")
+    for hosts in (
+        [("localhost", 9000)],  # spelled differently
+        [("ch-2.invalid", 9000), ("127.0.0.1", 9000)],  # reordered
+        [("127.0.0.1", 9000), ("ch-2.invalid", 9000), ("ch-3.invalid", 9000)],  # a replica added
+    ):
+        assert target_of(hosts, "db").matches(Target.parse(written.key))
+    assert not target_of([("127.0.0.1", 9000)], "other").matches(written)
+    assert not target_of([("127.0.0.1", 9001)], "db").matches(written)
+    # The key of an older release (one host, as spelled) still matches.
+    assert target_of([("localhost", 9000)], "db").matches(Target.parse("127.0.0.1:9000/db"))
+
+
+def test_a_store_claims_batches_of_matching_targets_only(tmp_path: Path) -> None:
+    _store(tmp_path, "127.0.0.1:9000/default").put("`t`", None, [(1,)], batch_id="mine")
+    _store(tmp_path, "127.0.0.1:9555/default").put("`t`", None, [(2,)], batch_id="other")
+    reader = SpoolStore(
+        str(tmp_path),
+        target=target_of([("localhost", 9000), ("127.0.0.1", 9777)], "default"),
+        max_bytes=10_000_000,
+    )
+    assert reader.totals().batches == 1
+    batch = reader.claim(lease_seconds=60)
+    assert batch is not None and batch.batch_id == "mine"
+    assert reader.ack(batch) and reader.claim(lease_seconds=60) is None
+    assert reader.status()["other_targets"] == {"loopback:9555/default": {"batches": 1, "rows": 1}}
+
+
+# -- attempts and set-aside batches ------------------------------------------------------
+def test_a_batch_waiting_to_retry_holds_its_table_back_only(tmp_path: Path) -> None:
+    store = _store(tmp_path)
+    for name in ("a0", "a1"):
+        store.put("`a`", None, [(1,)], batch_id=name)
+    store.put("`b`", None, [(1,)], batch_id="b0")
+    head = store.claim(lease_seconds=60)
+    assert head is not None and head.batch_id == "a0"
+    store.retry_later(head, "boom", delay=600)
+    nxt = store.claim(lease_seconds=60)
+    assert nxt is not None and nxt.batch_id == "b0"  # table a waits, in order
+    assert store.ack(nxt) and store.claim(lease_seconds=60) is None
+    store.retry_later(head, "ignored: no longer leased", delay=0)  # not ours any more
+    (again,) = store.batches(ids=[head.seq])
+    assert again.attempts == 1 and again.last_error == "boom"
+
+
+def test_requeue_discard_and_eviction_respect_set_aside_batches(tmp_path: Path) -> None:
+    store = _store(tmp_path, max_bytes=1_000, full_policy="drop_oldest")
+    store.put("`a`", None, [(1,)], batch_id="poison")
+    batch = store.claim(lease_seconds=60)
+    assert batch is not None
+    store.set_aside(batch, "rejected")
+    (aside,) = store.batches()
+    assert (aside.batch_id, aside.attempts, aside.last_error) == ("poison", 1, "rejected")
+    # drop_oldest evicts pending batches only: the set-aside one is the operator's.
+    dropped = sum(
+        store.put("`b`", None, [(n,)], batch_id=f"b{n}").dropped_batches for n in range(40)
+    )
+    assert dropped > 0 and [b.batch_id for b in store.batches()] == ["poison"]
+    pending = store.claim(lease_seconds=60)
+    assert pending is not None
+    assert store.discard([pending.seq]).batches == 0  # never a pending batch by id
+    assert store.requeue([aside.seq]) == 1
+    (back,) = store.batches(ids=[aside.seq])
+    assert back.attempts == 0 and not store.batches()
+    assert store.discard([aside.seq]).batches == 0  # pending again: not discardable
+
+
+# -- the replayer: poison batches ---------------------------------------------------------
+class _Server:
+    """What the replayer's deliver/probe see: a server that is up or down, and batches
+    it drops the connection on."""
+
+    def __init__(self) -> None:
+        self.up = True
+        self.poison: set[str] = set()
+        self.delivered: list[str] = []
+        self.probes = 0
+
+    def deliver(self, batch: SpooledBatch) -> None:
+        if not self.up or batch.batch_id in self.poison:
+            raise ClickHouseUnavailableError(
+                "insert failed", last_error=driver_errors.NetworkError("connection reset")
+            )
+        self.delivered.append(batch.batch_id)
+
+    def probe(self) -> bool:
+        self.probes += 1
+        return self.up
+
+
+def _replayer(store: SpoolStore, server: _Server, **kwargs: Any) -> SpoolReplayer:
+    return SpoolReplayer(
+        store,
+        server.deliver,
+        metrics=Metrics(),
+        interval=60,
+        lease_seconds=60,
+        probe=server.probe,
+        pause=0,
+        **kwargs,
+    )
+
+
+def test_a_poison_batch_is_set_aside_after_its_attempts_while_others_flow(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(replay_module, "FIRST_BACKOFF", 0.0)  # retry at the next pass
+    store, server = _store(tmp_path), _Server()
+    store.put("`a`", None, [(0,)], batch_id="poison")
+    for n in range(5):
+        store.put("`a`" if n % 2 else "`b`", None, [(n,)], batch_id=f"ok{n}")
+    server.poison.add("poison")
+    replayer = _replayer(store, server, max_attempts=3)
+    for attempt in (1, 2):
+        report = replayer.replay()
+        assert report.outcome == "retrying" and report.skipped_tables == ["`a`"]
+        assert server.delivered == ["ok0", "ok2", "ok4"]  # table b flowed; a waits in order
+        (waiting,) = store.batches(ids=[1])
+        assert waiting.attempts == attempt and waiting.last_error is not None
+    report = replayer.replay()
+    assert (report.set_aside, report.batches, report.outcome) == (1, 2, "drained")
+    assert server.delivered == ["ok0", "ok2", "ok4", "ok1", "ok3"]
+    (aside,) = store.batches()
+    assert aside.batch_id == "poison" and aside.attempts == 3
+    assert aside.last_error is not None and aside.last_error.startswith("3 attempts")
+
+
+def test_an_unavailable_server_ends_the_pass_and_counts_no_attempt(tmp_path: Path) -> None:
+    store, server = _store(tmp_path), _Server()
+    store.put("`a`", None, [(0,)], batch_id="b0")
+    server.up = False
+    replayer = _replayer(store, server, max_attempts=1)
+    for _ in range(3):
+        assert replayer.replay().outcome == "unavailable"
+    (batch,) = store.batches(ids=[1])
+    assert batch.attempts == 0 and server.probes == 3 and not store.batches()
+    server.up = True
+    assert replayer.replay().batches == 1 and server.delivered == ["b0"]
+
+
+# -- deletes that cannot be written -------------------------------------------------------
+def test_a_delivered_batch_whose_delete_fails_is_never_sent_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(spool_sqlite, "BUSY_TIMEOUT", 0.1)
+    store, server = _store(tmp_path), _Server()
+    for n in range(3):
+        store.put("`a`", None, [(n,)], batch_id=f"b{n}")
+    blocker = sqlite3.connect(store.path, isolation_level=None, check_same_thread=False)
+    lock_taken = threading.Event()
+
+    def deliver(batch: SpooledBatch) -> None:
+        server.deliver(batch)
+        if not lock_taken.is_set():  # another process takes the write lock meanwhile
+            blocker.execute("BEGIN IMMEDIATE")
+            lock_taken.set()
+            threading.Timer(1.0, lambda: blocker.execute("ROLLBACK")).start()
+
+    failed_acks: list[str] = []
+    ack = store.ack
+
+    def counted_ack(batch: SpooledBatch) -> bool:
+        try:
+            return ack(batch)
+        except SpoolError:
+            failed_acks.append(batch.batch_id)
+            raise
+
+    monkeypatch.setattr(store, "ack", counted_ack)
+    replayer = SpoolReplayer(
+        store, deliver, metrics=Metrics(), interval=60, lease_seconds=60, pause=0
+    )
+    report = replayer.replay()
+    blocker.close()
+    assert failed_acks and set(failed_acks) == {"b0"}  # the delete failed, was retried
+    assert report.outcome == "drained" and report.batches == 3
+    assert server.delivered == ["b0", "b1", "b2"]  # b0 once, although its delete failed
+    assert store.totals().batches == 0
+
+
+def test_spool_errors_name_cause_path_and_free_space(tmp_path: Path) -> None:
+    store = _store(tmp_path)
+    store.put("`a`", None, [(1,)], batch_id="b0")
+    store.close()
+    for name in ("spool.sqlite3-wal", "spool.sqlite3-shm"):
+        (tmp_path / name).unlink(missing_ok=True)
+    (tmp_path / "spool.sqlite3").write_bytes(b"not a database " * 512)
+    with pytest.raises(SpoolError) as info:
+        store.put("`a`", None, [(2,)], batch_id="b1")
+    err = info.value
+    assert err.cause == "corrupt" and err.path == str(tmp_path)
+    assert err.free_bytes is not None and err.free_bytes > 0
+    assert f"({err.free_bytes} bytes free)" in str(err) and str(tmp_path) in str(err)
+    assert isinstance(err.__cause__, sqlite3.DatabaseError)
+    assert store.state == "unwritable"

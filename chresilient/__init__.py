@@ -3,12 +3,12 @@
 from .breaker import CircuitBreaker, CircuitState
 from .client import ResilientClient, get_clickhouse_client, reset_clickhouse_client
 from .config import (
-    AnalyticsTable,
     CircuitBreakerConfig,
     Config,
     ConnectionPoolConfig,
     RetryConfig,
 )
+from .config_values import AnalyticsTable
 from .errors import (
     CircuitOpenError,
     ClickHouseUnavailableError,
@@ -19,6 +19,7 @@ from .errors import (
     InsertSourceError,
     InvalidBatchError,
     PoolTimeoutError,
+    SchemaError,
     SessionStateError,
     SpoolError,
     SpoolFullError,
@@ -55,6 +56,7 @@ __all__ = [
     "ReplayReport",
     "ResilientClient",
     "RetryConfig",
+    "SchemaError",
     "SessionStateError",
     "Spool",
     "SpoolError",

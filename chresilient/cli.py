@@ -1,9 +1,9 @@
-"""The ``chresilient`` command: wait, check, health, metrics, spool, serve.
+"""The ``chresilient`` command: wait, check, health, metrics, spool, schema, serve.
 
 Configured like the library: ``CLICKHOUSE_*`` variables, or ``--url``. Exit codes, the
 same for every subcommand: 0 success, 1 the check failed (not ready, unhealthy, a
-scenario failed), 2 bad usage or configuration, 3 an error waiting cannot fix (wrong
-credentials, unknown database).
+scenario failed, schema drift), 2 bad usage or configuration, 3 an error waiting cannot
+fix (wrong credentials, unknown database, a refused or changed schema file).
 """
 
 from __future__ import annotations
@@ -111,6 +111,25 @@ def cmd_spool(args: argparse.Namespace, out: TextIO) -> int:
     return cli_spool.run(args, _config(args), out, _print_json)
 
 
+def cmd_schema(args: argparse.Namespace, out: TextIO) -> int:
+    with ClickHouseConnectionManager(_config(args)) as mgr:
+        if not mgr.schema.configured:
+            print("no schema: set CLICKHOUSE_SCHEMA_DIR", file=sys.stderr)
+            return EXIT_USAGE
+        mgr.wait_until_ready(args.timeout)
+        if args.action == "apply":
+            _print_json(mgr.schema.apply(args.timeout), out)
+            return EXIT_OK
+        if args.action == "status":
+            files = mgr.schema.status(args.timeout)
+            _print_json(files, out)
+            return EXIT_OK if all(f["state"] == "applied" for f in files) else EXIT_FAILED
+        tables = mgr.schema.diff(args.timeout)
+        _print_json(tables, out)
+        drift = any(t["missing"] or t["changed"] or not t["exists"] for t in tables)
+        return EXIT_FAILED if drift else EXIT_OK
+
+
 def cmd_check(args: argparse.Namespace, out: TextIO) -> int:
     from .checks import ValidationRun
 
@@ -213,6 +232,13 @@ def build_parser() -> argparse.ArgumentParser:
     metrics.add_argument("--prometheus", action="store_true", help="Prometheus text format")
     metrics.add_argument("--timeout", type=float, default=10.0)
     metrics.set_defaults(func=cmd_metrics)
+
+    schema = verbs.add_parser(
+        "schema", help="the tables of CLICKHOUSE_SCHEMA_DIR: status, apply, diff"
+    )
+    schema.add_argument("action", choices=["status", "apply", "diff"])
+    schema.add_argument("--timeout", type=float, default=30.0)
+    schema.set_defaults(func=cmd_schema)
 
     cli_spool.add_parser(verbs)
     verbs.choices["spool"].set_defaults(func=cmd_spool)

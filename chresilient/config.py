@@ -16,7 +16,9 @@ from urllib.parse import quote
 from .config_values import (
     PORT,
     SECURE_PORT,
+    AnalyticsTable,
     HostPort,
+    analytics_tables,
     check,
     format_host,
     parse_alt_hosts,
@@ -121,62 +123,6 @@ class CircuitBreakerConfig:
         whole(self.half_open_max_calls, "breaker.half_open_max_calls", 1)
 
 
-@dataclass(frozen=True)
-class AnalyticsTable:
-    """A table the analytics code expects, checked by ``ensure_analytics_consistency()``.
-
-    ``columns`` are ``(name, type)`` pairs with types as ClickHouse reports them in
-    ``system.columns`` (``UInt64``, ``DateTime('UTC')``); a mapping is accepted too.
-    ``engine`` is the engine name (``system.tables.engine``, e.g. ``MergeTree``); None
-    skips that check. ``database`` defaults to the connection's database.
-    """
-
-    name: str
-    columns: tuple[tuple[str, str], ...] = ()
-    engine: str | None = None
-    database: str | None = None
-
-    def __post_init__(self) -> None:
-        where = f"analytics_tables[{self.name!r}]"
-        check(isinstance(self.name, str) and bool(self.name), "analytics_tables", "empty name")
-        raw: Any = self.columns
-        items = list(raw.items()) if isinstance(raw, Mapping) else list(raw)
-        columns: list[tuple[str, str]] = []
-        for item in items:
-            ok = isinstance(item, (tuple, list)) and len(item) == 2
-            ok = ok and all(isinstance(part, str) and part.strip() for part in item)
-            check(ok, f"{where}.columns", f"expected (name, type) pairs of strings, got {item!r}")
-            columns.append((item[0], item[1]))
-        object.__setattr__(self, "columns", tuple(columns))
-        for name in ("engine", "database"):
-            value = getattr(self, name)
-            check(
-                value is None or (isinstance(value, str) and bool(value.strip())),
-                f"{where}.{name}",
-                f"must be a non-empty string or None, got {value!r}",
-            )
-
-
-def _analytics_tables(value: Any) -> tuple[AnalyticsTable, ...]:
-    """Accept AnalyticsTable objects or mappings with the same keys."""
-    if isinstance(value, (str, bytes, Mapping)):
-        raise ConfigError("analytics_tables", "expected a sequence of AnalyticsTable")
-    tables = []
-    for item in value:
-        if isinstance(item, Mapping):
-            try:
-                item = AnalyticsTable(**item)
-            except TypeError as err:
-                raise ConfigError("analytics_tables", str(err)) from None
-        check(
-            isinstance(item, AnalyticsTable),
-            "analytics_tables",
-            f"expected AnalyticsTable items, got {type(item).__name__}",
-        )
-        tables.append(item)
-    return tuple(tables)
-
-
 def default_spool_dir() -> str:
     """The user's cache dir (XDG) plus ``chresilient/spool``."""
     base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
@@ -223,6 +169,12 @@ class Config:
     spool_replay_interval: float = 5.0
     # A spooled batch that fails this many replays while ClickHouse answers is set aside.
     spool_max_attempts: int = 10
+    # Schema applied by start() after the gate: the .sql files of a directory (name order)
+    # and/or statements in code; {database}, {cluster}, {on_cluster} placeholders.
+    schema_dir: str | None = None
+    schema_statements: tuple[str, ...] = ()
+    schema_timeout: float = 30.0
+    cluster: str | None = None
     # Several hosts: a replica whose system.replicas absolute_delay (seconds, read by the
     # health monitor) exceeds this is used only when every host lags. None: not read.
     max_replica_delay: float | None = 300.0
@@ -258,7 +210,7 @@ class Config:
             value = getattr(self, name)
             check(isinstance(value, kind), name, f"must be a {kind.__name__}")
         positive(self.health_probe_timeout, "health_probe_timeout")
-        object.__setattr__(self, "analytics_tables", _analytics_tables(self.analytics_tables))
+        object.__setattr__(self, "analytics_tables", analytics_tables(self.analytics_tables))
         positive(self.consistency_check_interval, "consistency_check_interval")
         probe = self.analytics_probe_table
         check(
@@ -283,6 +235,22 @@ class Config:
         whole(self.spool_max_attempts, "spool_max_attempts", 1)
         if self.max_replica_delay is not None:
             positive(self.max_replica_delay, "max_replica_delay")
+        for name in ("schema_dir", "cluster"):
+            value = getattr(self, name)
+            check(
+                value is None or (isinstance(value, str) and bool(value.strip())),
+                name,
+                f"must be a non-empty string or None, got {value!r}",
+            )
+        statements = self.schema_statements
+        check(
+            not isinstance(statements, str)
+            and all(isinstance(s, str) and s.strip() for s in statements),
+            "schema_statements",
+            "must be a sequence of non-empty SQL strings",
+        )
+        object.__setattr__(self, "schema_statements", tuple(statements))
+        positive(self.schema_timeout, "schema_timeout")
 
     # -- derived values -------------------------------------------------------------
     @property
@@ -361,6 +329,9 @@ _ENV_FOR_FIELD = {
     "spool_block_timeout": "CLICKHOUSE_SPOOL_BLOCK_TIMEOUT",
     "spool_max_attempts": "CLICKHOUSE_SPOOL_MAX_ATTEMPTS",
     "max_replica_delay": "CLICKHOUSE_MAX_REPLICA_DELAY",
+    "schema_dir": "CLICKHOUSE_SCHEMA_DIR",
+    "schema_timeout": "CLICKHOUSE_SCHEMA_TIMEOUT",
+    "cluster": "CLICKHOUSE_CLUSTER",
 }
 
 ENV_VARS = ("CLICKHOUSE_URL", *_ENV_FOR_FIELD.values())
@@ -415,6 +386,9 @@ def _config_from_env(cls: type[Config], env: Mapping[str, str]) -> Config:
         ("spool_block_timeout", parse_float),
         ("spool_max_attempts", parse_int),
         ("max_replica_delay", parse_float),
+        ("schema_dir", text),
+        ("schema_timeout", parse_float),
+        ("cluster", text),
     ):
         value = _env_value(env, _ENV_FOR_FIELD[name], parse)
         if value is not None:

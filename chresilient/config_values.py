@@ -8,6 +8,8 @@ from __future__ import annotations
 import ipaddress
 import math
 import re
+from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any, Callable
 from urllib.parse import parse_qsl, unquote
 
@@ -221,3 +223,59 @@ def url_fields(url: str) -> dict[str, Any]:
         fields["alt_hosts"] = tuple(alt)
     del fragment
     return fields
+
+
+@dataclass(frozen=True)
+class AnalyticsTable:
+    """A table the analytics code expects, checked by ``ensure_analytics_consistency()``.
+
+    ``columns`` are ``(name, type)`` pairs with types as ClickHouse reports them in
+    ``system.columns`` (``UInt64``, ``DateTime('UTC')``); a mapping is accepted too.
+    ``engine`` is the engine name (``system.tables.engine``, e.g. ``MergeTree``); None
+    skips that check. ``database`` defaults to the connection's database.
+    """
+
+    name: str
+    columns: tuple[tuple[str, str], ...] = ()
+    engine: str | None = None
+    database: str | None = None
+
+    def __post_init__(self) -> None:
+        where = f"analytics_tables[{self.name!r}]"
+        check(isinstance(self.name, str) and bool(self.name), "analytics_tables", "empty name")
+        raw: Any = self.columns
+        items = list(raw.items()) if isinstance(raw, Mapping) else list(raw)
+        columns: list[tuple[str, str]] = []
+        for item in items:
+            ok = isinstance(item, (tuple, list)) and len(item) == 2
+            ok = ok and all(isinstance(part, str) and part.strip() for part in item)
+            check(ok, f"{where}.columns", f"expected (name, type) pairs of strings, got {item!r}")
+            columns.append((item[0], item[1]))
+        object.__setattr__(self, "columns", tuple(columns))
+        for name in ("engine", "database"):
+            value = getattr(self, name)
+            check(
+                value is None or (isinstance(value, str) and bool(value.strip())),
+                f"{where}.{name}",
+                f"must be a non-empty string or None, got {value!r}",
+            )
+
+
+def analytics_tables(value: Any) -> tuple[AnalyticsTable, ...]:
+    """Accept AnalyticsTable objects or mappings with the same keys."""
+    if isinstance(value, (str, bytes, Mapping)):
+        raise ConfigError("analytics_tables", "expected a sequence of AnalyticsTable")
+    tables = []
+    for item in value:
+        if isinstance(item, Mapping):
+            try:
+                item = AnalyticsTable(**item)
+            except TypeError as err:
+                raise ConfigError("analytics_tables", str(err)) from None
+        check(
+            isinstance(item, AnalyticsTable),
+            "analytics_tables",
+            f"expected AnalyticsTable items, got {type(item).__name__}",
+        )
+        tables.append(item)
+    return tuple(tables)

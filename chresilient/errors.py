@@ -93,6 +93,23 @@ class StartupError(ChResilientError):
         super().__init__(message)
 
 
+class SchemaError(StartupError):
+    """A schema statement was refused (syntax, types), or an applied schema file changed
+    since; waiting cannot fix it. ``file`` and ``line`` say where (line None: the file)."""
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        file: str,
+        line: int | None = None,
+        last_error: BaseException | None = None,
+    ) -> None:
+        self.file = file
+        self.line = line
+        super().__init__(message, last_error)
+
+
 class SpoolError(ChResilientError):
     """The local spool could not do what was asked (store, deliver, delete a batch).
 

@@ -113,20 +113,27 @@ class Executor:
         refuse_session_change(query_verb(query), query)
         return self.stream(start, Statement(is_write=is_write_query(query, params)))
 
-    def call(self, run: Callable[[PooledConnection], T], statement: Statement) -> T:
-        """``run(connection)`` under retry, breaker and failover."""
+    def call(
+        self,
+        run: Callable[[PooledConnection], T],
+        statement: Statement,
+        within: float | None = None,
+    ) -> T:
+        """``run(connection)`` under retry, breaker and failover; ``within`` s at most
+        (the policy's ``total_timeout`` when shorter)."""
 
         def body(host: HostState, timeout: float, deadline: Deadline) -> T:
             with host.pool.connection(timeout, deadline) as conn:
                 return run(conn)
 
-        return self.call_on_host(body, statement)
+        return self.call_on_host(body, statement, within=within)
 
     def call_on_host(
         self,
         body: Callable[[HostState, float, Deadline], T],
         statement: Statement,
         tried: list[HostState] | None = None,
+        within: float | None = None,
     ) -> T:
         """``body(host, timeout, deadline)`` under retry, breaker and failover: ``timeout``
         bounds the attempt's network operations, ``deadline`` the whole call (the wait for a
@@ -139,7 +146,8 @@ class Executor:
             failover = functools.partial(self.selector.untried_left, self.hosts, tried)
         stats = CallStats()
         started = time.perf_counter()
-        deadline = Deadline(self.policy.total_timeout)
+        total = self.policy.total_timeout
+        deadline = Deadline(total if within is None else min(within, total or within))
         try:
             result = call_with_retry(
                 lambda timeout: self._attempt(body, timeout, tried, deadline, statement),

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 import structlog
+from clickhouse_driver import errors as driver_errors
 
 from .errors import (
     ChResilientError,
@@ -164,10 +165,17 @@ def deliver(
 class Inserter:
     """``mgr.insert`` and ``mgr.insert_batches``: deliver through ``execute`` or spool."""
 
-    def __init__(self, execute: Execute, metrics: Metrics, spool: Spool | None) -> None:
+    def __init__(
+        self,
+        execute: Execute,
+        metrics: Metrics,
+        spool: Spool | None,
+        lost: Callable[[str, BaseException], bool] = lambda table, error: False,
+    ) -> None:
         self._execute = execute
         self._metrics = metrics
         self.spool = spool
+        self._lost = lost  # the error says the table is gone and will come back (schema)
         self._warned_not_running = False
 
     def insert(
@@ -190,6 +198,10 @@ class Inserter:
             if self.spool is None:
                 raise
             return self._to_spool(table_sql, names, batch, settings, batch_id, err)
+        except driver_errors.ServerException as err:
+            if self.spool is None or not self._lost(table_sql, err):
+                raise
+            return self._to_spool(table_sql, names, batch, settings, batch_id, err)
         if self.spool is not None:
             self.spool.replayer.nudge()
         return InsertResult(rows=len(batch), delivered=True, spooled=False, batch_id=batch_id)
@@ -201,11 +213,12 @@ class Inserter:
         batch: list[Any],
         settings: Mapping[str, Any] | None,
         batch_id: str,
-        err: ClickHouseUnavailableError,
+        err: Exception,
     ) -> InsertResult:
         assert self.spool is not None
         sets = {k: v for k, v in (settings or {}).items() if k != DEDUP_SETTING}
-        reason = describe(err.last_error if err.last_error is not None else err)
+        cause = err.last_error if isinstance(err, ClickHouseUnavailableError) else None
+        reason = describe(cause if cause is not None else err)
         try:
             put = self.spool.store.put(
                 table_sql,

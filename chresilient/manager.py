@@ -28,6 +28,7 @@ from .observability.multiprocess import process_totals
 from .observability.prometheus import multiprocess_dir
 from .reports import Reports
 from .retry import Deadline
+from .schema import Schema, SchemaKeeper
 from .spool import Spool
 from .spool_setup import open_spool
 from .startup import BackgroundService, StartupGate
@@ -66,22 +67,34 @@ class ClickHouseConnectionManager:
         self.gate = StartupGate(
             self.hosts, cfg, self.status, self._closing, self.policy.timeout_per_attempt
         )
+        # The schema (docs/schema.md): applied by start(), kept by its own thread.
+        self.schema = Schema(cfg, self.executor)
+        self.keeper = keeper = SchemaKeeper(self.schema)
         # Background threads: started by start() once the gate passed (or gave up with
         # required=False), stopped by close().
         self.monitor = HealthMonitor(
-            cfg, self.hosts, self.status, self.events, closed=self._closing.is_set
+            cfg,
+            self.hosts,
+            self.status,
+            self.events,
+            closed=self._closing.is_set,
+            tables=lambda: cfg.analytics_tables + self.schema.expected,
         )
-        self.services: list[BackgroundService] = [self.monitor]
+        self.services: list[BackgroundService] = [self.monitor, keeper]
+        self.events.listen(Event.RECOVERED, keeper.stale)
         self.spool: Spool | None = open_spool(
             cfg,
             executor=self.executor,
             metrics=self.metrics_registry,
             events=self.events,
             dedup_supported=lambda: self.supports(DEDUP_SETTING),
+            ready=keeper.ready,
+            lost=keeper.lost,
         )
         if self.spool is not None:
             self.services.append(self.spool.replayer)
-        self._inserter = Inserter(self.execute, self.metrics_registry, self.spool)
+            keeper.then = self.spool.wake  # replay once the schema is back
+        self._inserter = Inserter(self.execute, self.metrics_registry, self.spool, keeper.lost)
         self.reports = Reports(cfg, self.executor, self.monitor, self.spool)
         if multiprocess_dir() is not None:  # gunicorn: totals over all workers, each round
             self.events.listen(Event.PROBED, lambda **_: process_totals().publish(self.metrics()))
@@ -99,6 +112,8 @@ class ClickHouseConnectionManager:
         self._check_open()
         if wait:
             self.gate.pass_or_degrade(timeout, required, retry_every=self.monitor.interval)
+            if self.status.state is ConnectionState.HEALTHY:
+                self.keeper.apply_now()  # SchemaError names file and line
         with self._lock:
             if self.started:
                 return

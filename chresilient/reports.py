@@ -76,7 +76,7 @@ class Reports:
                 monitor=self._monitor.snapshot(),
                 dependencies=CheckSummary.of(self._monitor.dependencies),
                 consistency=CheckSummary.of(self._monitor.consistency),
-                analytics_configured=bool(self._config.analytics_tables),
+                analytics_configured=bool(self._monitor.tables()),
                 max_replica_delay=self._config.max_replica_delay,
                 spool=spool,
             )

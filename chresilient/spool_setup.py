@@ -33,6 +33,8 @@ def open_spool(
     metrics: Metrics,
     events: Events,
     dedup_supported: Callable[[], bool],
+    ready: Callable[[], bool] = lambda: True,
+    lost: Callable[[str, BaseException], bool] = lambda table, error: False,
 ) -> Spool | None:
     """The spool and its replayer, or None when disabled. A directory that cannot be
     written is logged and reported by ``health()``; it does not stop the manager. The
@@ -99,6 +101,8 @@ def open_spool(
         busy=lambda: all_busy(executor.hosts),
         probe=probe,
         max_attempts=cfg.spool_max_attempts,
+        ready=ready,
+        lost=lost,
     )
     events.listen(Event.RECOVERED, lambda **_: replayer.wake())
     return Spool(store, replayer, guarantee=lambda: insert_delivery(dedup_supported()))

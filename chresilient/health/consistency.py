@@ -17,7 +17,8 @@ from typing import Any, Callable
 
 from clickhouse_driver.errors import ServerException
 
-from ..config import AnalyticsTable, Config
+from ..config import Config
+from ..config_values import AnalyticsTable
 from ..errors import describe
 from ..hosts import HostState, first_usable
 from ..metrics import utc_iso
@@ -28,7 +29,10 @@ Query = Callable[..., Any]
 
 
 def check_consistency(
-    cfg: Config, hosts: Sequence[HostState], closed: Callable[[], bool]
+    cfg: Config,
+    hosts: Sequence[HostState],
+    closed: Callable[[], bool],
+    expected: Sequence[AnalyticsTable] | None = None,
 ) -> Report:
     """The consistency report (see the module docstring); never raises for server trouble."""
     started = time.perf_counter()
@@ -42,7 +46,7 @@ def check_consistency(
             def query(sql: str, params: Any = None) -> Any:
                 return conn.client.execute(sql, params)
 
-            for table in cfg.analytics_tables:
+            for table in cfg.analytics_tables if expected is None else expected:
                 if closed():
                     break
                 tables.append(_check_table(query, table, cfg.database))

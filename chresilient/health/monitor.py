@@ -28,6 +28,7 @@ from clickhouse_driver import Client
 
 from .. import fork
 from ..config import Config
+from ..config_values import AnalyticsTable
 from ..connection import PooledConnection
 from ..errors import ErrorKind, classify, describe
 from ..events import Event, Events
@@ -58,8 +59,11 @@ class HealthMonitor:
         status: ConnectionStatus,
         events: Events,
         closed: Callable[[], bool],
+        tables: Callable[[], Sequence[AnalyticsTable]] | None = None,
     ) -> None:
         self._cfg = cfg
+        # The tables the consistency check expects: configured ones, and the schema's.
+        self.tables = tables or (lambda: cfg.analytics_tables)
         self._hosts = hosts
         self._status = status
         self._closed = closed
@@ -70,7 +74,8 @@ class HealthMonitor:
         self._cancel = Cancellation()  # ends a dependency check stuck on a socket at stop()
         self.probe = ReportCache(self._probe_all, "chresilient-probe")
         self.consistency = ReportCache(
-            lambda: check_consistency(cfg, hosts, closed), "chresilient-consistency"
+            lambda: check_consistency(cfg, hosts, closed, self.tables()),
+            "chresilient-consistency",
         )
         self.dependencies = ReportCache(
             lambda: validate_dependencies(cfg, self._cancel), "chresilient-dependencies"
@@ -222,7 +227,7 @@ class HealthMonitor:
         }
 
     def _consistency_due(self, probe: Report) -> bool:
-        if not self._cfg.analytics_tables or self.consistency.running:
+        if not self.tables() or self.consistency.running:
             return False
         if not any(result["ok"] for result in probe["hosts"].values()):
             return False

@@ -65,7 +65,8 @@ ACK_BACKOFF_MAX = 2.0
 class ReplayReport:
     """What one replay pass did. ``outcome``: drained, partial (limit reached),
     unavailable, retrying (some batches wait for another attempt), busy (another replayer
-    holds the lock), empty, stopped, spool_full (delivered batches could not be deleted)."""
+    holds the lock), empty, stopped, spool_full (delivered batches could not be deleted),
+    waiting (the schema is being applied again)."""
 
     outcome: str = "drained"
     batches: int = 0
@@ -94,6 +95,8 @@ class SpoolReplayer:
         busy: Callable[[], bool] = lambda: False,
         probe: Callable[[], bool] = lambda: False,
         max_attempts: int = 10,
+        ready: Callable[[], bool] = lambda: True,
+        lost: Callable[[str, BaseException], bool] = lambda table, error: False,
         pause: float = REPLAY_PAUSE,
     ) -> None:
         self.store = store
@@ -104,6 +107,8 @@ class SpoolReplayer:
         self._busy = busy
         self._probe = probe
         self.max_attempts = max_attempts
+        self._ready = ready  # e.g. the schema is back after a recovery
+        self._lost = lost  # the error says the table is gone and will come back
         self.pause = pause
         self._unacked: list[SpooledBatch] = []  # delivered, delete not yet written
         self._wake = threading.Event()
@@ -184,7 +189,7 @@ class SpoolReplayer:
                 if report.last_error != self.last_error:  # once per problem, not per pass
                     log.error("spool_replay_error", error=report.last_error)
                 self.last_error, self.last_error_wall = report.last_error, time.time()
-            if report.outcome in ("unavailable", "error", "retrying", "spool_full"):
+            if report.outcome in ("unavailable", "error", "retrying", "spool_full", "waiting"):
                 self._backing_off = True
                 wait = max(backoff, report.retry_after or 0.0)
                 delay = min(wait, self.interval)
@@ -204,6 +209,9 @@ class SpoolReplayer:
         report = ReplayReport()
         if self.store.totals().batches == 0:
             report.outcome = "empty"
+            return report
+        if not self._ready():
+            report.outcome = "waiting"
             return report
         with contextlib.ExitStack() as stack:
             try:
@@ -282,6 +290,10 @@ class SpoolReplayer:
             if kind is ErrorKind.AUTH:  # the credentials are wrong, not the batch
                 self.store.release(batch, report.last_error)
                 report.outcome = "unavailable"
+                return False
+            if self._lost(batch.table, err):  # the schema is being applied again
+                self.store.release(batch, report.last_error)
+                report.outcome = "waiting"
                 return False
             if isinstance(err, SpoolDecodeError) and err.newer:
                 # Written by a newer release (a rolling deploy): leave it for that one.

@@ -18,7 +18,7 @@ import pytest
 from helpers import subprocess_env as _env
 from helpers import wait_until
 
-VERBS = ("wait", "check", "health", "metrics", "spool", "serve")
+VERBS = ("wait", "check", "health", "metrics", "spool", "schema", "serve")
 
 
 def run_cli(

@@ -1,0 +1,79 @@
+"""Reading the schema: statement splitting, placeholders, checksums, touched tables."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from chresilient import Config, ConfigError
+from chresilient.schema.source import SchemaFile, load_schema, split_sql, table_key
+
+TEXT = """-- events of the app; a ';' in a comment does not split
+CREATE TABLE IF NOT EXISTS {database}.events (
+    id UInt64,
+    note String DEFAULT 'a;b'  /* nor ; here */
+) ENGINE = MergeTree ORDER BY id;
+
+/* only a comment */;
+ALTER TABLE `events` {on_cluster} ADD COLUMN IF NOT EXISTS `x;y` UInt8;
+"""
+
+
+def test_statements_split_outside_quotes_and_comments_with_their_lines() -> None:
+    parts = split_sql(TEXT)
+    assert [line for line, _ in parts] == [2, 8]
+    assert parts[0][1].startswith("CREATE TABLE") and "'a;b'" in parts[0][1]
+    assert parts[1][1].endswith("`x;y` UInt8")
+
+
+def test_placeholders_expand_and_the_checksum_is_of_the_text_as_written() -> None:
+    schema_file = SchemaFile("001_events.sql", TEXT)
+    plain = schema_file.statements("analytics", None)
+    assert plain[0].sql.startswith("CREATE TABLE IF NOT EXISTS `analytics`.events")
+    assert "ALTER TABLE `events`  ADD COLUMN" in plain[1].sql
+    on = schema_file.statements("analytics", "prod")
+    assert "ALTER TABLE `events` ON CLUSTER `prod` ADD" in on[1].sql
+    assert plain[1].where() == "001_events.sql:8"
+    assert schema_file.checksum == SchemaFile("other.sql", TEXT).checksum
+    assert schema_file.checksum != SchemaFile("001_events.sql", TEXT + " ").checksum
+    with pytest.raises(ConfigError, match="CLICKHOUSE_CLUSTER"):
+        SchemaFile("c.sql", "CREATE DATABASE x ON CLUSTER {cluster}").statements("db", None)
+
+
+def test_touched_tables_and_insert_names_compare_alike() -> None:
+    tables = SchemaFile("a.sql", TEXT).tables("analytics", None)
+    assert tables == [("analytics", "events")]
+    for spelled in ("events", "`events`", "analytics.events", "`analytics`.`events`"):
+        assert table_key(spelled, "analytics") == ("analytics", "events")
+    assert table_key("other.events", "analytics") == ("other", "events")
+
+
+def test_files_apply_in_name_order_then_code(tmp_path: Path) -> None:
+    (tmp_path / "002_b.sql").write_text("SELECT 2")
+    (tmp_path / "001_a.sql").write_text("SELECT 1")
+    (tmp_path / "notes.txt").write_text("not sql")
+    files = load_schema(str(tmp_path), ["SELECT 3;", "SELECT 4"])
+    assert [f.name for f in files] == ["001_a.sql", "002_b.sql", "<code>"]
+    assert [s.sql for s in files[-1].statements("db", None)] == ["SELECT 3", "SELECT 4"]
+    with pytest.raises(ConfigError, match="schema_dir"):
+        load_schema(str(tmp_path / "missing"), ())
+
+
+def test_schema_settings_are_validated_and_read_from_env(tmp_path: Path) -> None:
+    env = {
+        "CLICKHOUSE_HOST": "127.0.0.1",
+        "CLICKHOUSE_SCHEMA_DIR": str(tmp_path),
+        "CLICKHOUSE_SCHEMA_TIMEOUT": "12.5",
+        "CLICKHOUSE_CLUSTER": "prod",
+    }
+    cfg = Config.from_env(env)
+    assert (cfg.schema_dir, cfg.schema_timeout, cfg.cluster) == (str(tmp_path), 12.5, "prod")
+    for field, value in (
+        ("schema_timeout", 0),
+        ("schema_statements", "CREATE ..."),
+        ("cluster", ""),
+    ):
+        with pytest.raises(ConfigError) as info:
+            Config(host="127.0.0.1", **{field: value})
+        assert info.value.field == field

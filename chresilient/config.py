@@ -232,7 +232,8 @@ class Config:
         )
         positive(self.spool_block_timeout, "spool_block_timeout", allow_zero=True)
         positive(self.spool_replay_interval, "spool_replay_interval")
-        whole(self.spool_max_attempts, "spool_max_attempts", 1)
+        # One failure cannot tell a bad batch from the moment an outage ends.
+        whole(self.spool_max_attempts, "spool_max_attempts", 2)
         if self.max_replica_delay is not None:
             positive(self.max_replica_delay, "max_replica_delay")
         for name in ("schema_dir", "cluster"):

@@ -291,6 +291,34 @@ def describe(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {first}" if first else type(exc).__name__
 
 
+# Server errors whose message names tables, columns or limits, never a value of a row.
+MESSAGE_WITHOUT_VALUES = frozenset({10, 16, 47, 60, 62, 81, 241, 252})
+CODE_NAMES = {
+    value: name for name, value in vars(driver_errors.ErrorCodes).items() if isinstance(value, int)
+}
+
+
+def describe_without_values(exc: BaseException) -> str:
+    """:func:`describe` for an error about rows that were sent (a spooled batch): the
+    server's or the driver's text may quote a value it could not take, so only errors
+    about the connection, the server's load or names keep their message; the others say
+    type, code and the code's name."""
+    if isinstance(exc, ClickHouseUnavailableError):
+        inner = exc.last_error
+        if inner is None or classify(inner) in UNAVAILABLE_KINDS:
+            return describe(exc)
+        return f"{type(exc).__name__}: {describe_without_values(inner)}"
+    code = server_code(exc)
+    if (
+        isinstance(exc, ChResilientError)
+        or classify(exc) in (*UNAVAILABLE_KINDS, ErrorKind.AUTH)
+        or code in MESSAGE_WITHOUT_VALUES
+    ):
+        return describe(exc)
+    parts = [type(exc).__name__, *([str(code), CODE_NAMES.get(code, "")] if code else [])]
+    return " ".join(p for p in parts if p) + " (message withheld: it may quote row values)"
+
+
 def refusal_advice(exc: BaseException, *, user: str, database: str, host: str) -> str | None:
     """For an error that waiting cannot fix (credentials, unknown database), the message
     that names the fix; None for any other error. The startup gate raises it and the

@@ -27,6 +27,7 @@ from .errors import (
     InvalidBatchError,
     SpoolError,
     describe,
+    describe_without_values,
 )
 from .metrics import Metrics
 from .spool import Spool
@@ -218,7 +219,7 @@ class Inserter:
         assert self.spool is not None
         sets = {k: v for k, v in (settings or {}).items() if k != DEDUP_SETTING}
         cause = err.last_error if isinstance(err, ClickHouseUnavailableError) else None
-        reason = describe(cause if cause is not None else err)
+        reason = describe_without_values(cause if cause is not None else err)
         try:
             put = self.spool.store.put(
                 table_sql,

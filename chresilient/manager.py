@@ -16,7 +16,7 @@ import structlog
 
 from . import fork
 from .config import Config
-from .errors import ClickHouseUnavailableError, ClientClosedError
+from .errors import ClickHouseUnavailableError, ClientClosedError, StartupTimeoutError
 from .events import Event, Events
 from .executor import Executor
 from .health.monitor import HealthMonitor
@@ -112,8 +112,13 @@ class ClickHouseConnectionManager:
         self._check_open()
         if wait:
             self.gate.pass_or_degrade(timeout, required, retry_every=self.monitor.interval)
-            if self.status.state is ConnectionState.HEALTHY:
-                self.keeper.apply_now()  # SchemaError names file and line
+            try:
+                if self.status.state is ConnectionState.HEALTHY:
+                    self.keeper.apply_now()  # SchemaError names file and line
+            except StartupTimeoutError:
+                if required:
+                    raise
+                log.warning("schema_deferred", reason="ClickHouse too slow; applied later")
         with self._lock:
             if self.started:
                 return

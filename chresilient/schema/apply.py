@@ -69,7 +69,7 @@ class Applied:
     checksum: str
     applied_at: Any
     applied_by: str
-    columns: dict[str, list[list[str]]]
+    columns: list[Any]  # [[database, table, [[name, type], ...]], ...] after the file
 
 
 class Schema:
@@ -79,13 +79,16 @@ class Schema:
         self._cfg = cfg
         self._executor = executor
         self.files: list[SchemaFile] = load_schema(cfg.schema_dir, cfg.schema_statements)
+        # Rendered now, so a statement that is not DDL or a {cluster} without a cluster is
+        # a ConfigError when the manager is built.
+        self._statements = {f.name: f.statements(cfg.database, cfg.cluster) for f in self.files}
+        self._tables = {f.name: f.tables(cfg.database, cfg.cluster) for f in self.files}
         self.record = f"{quote_identifier(cfg.database)}.{quote_identifier(RECORD_TABLE)}"
         key = "|".join(f"{h}:{p}" for h, p in cfg.hosts) + f"/{cfg.database}"
         digest = hashlib.sha1(key.encode()).hexdigest()[:12]
         self._lock_path = os.path.join(tempfile.gettempdir(), f"chresilient-schema-{digest}.lock")
         self.expected: tuple[AnalyticsTable, ...] = ()
         self.last_report: dict[str, Any] | None = None
-        self._owned: set[tuple[str, str]] | None = None
 
     @property
     def configured(self) -> bool:
@@ -93,10 +96,8 @@ class Schema:
 
     def owns(self, table: str) -> bool:
         """Whether the schema creates or alters ``table`` (as an INSERT names it)."""
-        if self._owned is None:
-            cfg = self._cfg
-            self._owned = {t for f in self.files for t in f.tables(cfg.database, cfg.cluster)}
-        return table_key(table, self._cfg.database) in self._owned
+        owned = {t for tables in self._tables.values() for t in tables}
+        return table_key(table, self._cfg.database) in owned
 
     # -- applying -----------------------------------------------------------------------
     def apply(self, timeout: float | None = None) -> dict[str, Any]:
@@ -111,30 +112,30 @@ class Schema:
         started = time.monotonic()
         applied: list[str] = []
         restored: list[str] = []
-        recreated: set[tuple[str, str]] = set()  # later files that alter them run again
-        cfg = self._cfg
+        recreated: set[tuple[str, str]] = set()  # later files that touch them run again
         with self._locked(deadline, seconds):
             records = self._records(deadline)
             present = self._present(deadline)
+            wanted = {(t.database or "", t.name) for t in expected_tables(self.files, records)}
             for schema_file in self.files:
                 done = records.get(schema_file.name)
-                tables = schema_file.tables(cfg.database, cfg.cluster)
+                tables = self._tables[schema_file.name]
                 if done is not None:
                     self._unchanged(schema_file, done)
                     gone = [
-                        f"{d}.{t}"
-                        for d, t in tables
-                        if (d, t) not in present or (d, t) in recreated
+                        t for t in tables if (t in wanted and t not in present) or t in recreated
                     ]
                     if not gone:
                         continue
-                    log.warning("schema_tables_missing", file=schema_file.name, tables=gone)
+                    log.warning(
+                        "schema_tables_missing",
+                        file=schema_file.name,
+                        tables=[".".join(t) for t in gone],
+                    )
                     restored.append(schema_file.name)  # applied again, recorded already
-                for statement in schema_file.statements(cfg.database, cfg.cluster):
-                    self._run(deadline, statement.sql, statement)
-                present.update(tables)
-                if done is not None:
                     recreated.update(tables)
+                for statement in self._statements[schema_file.name]:
+                    self._run(deadline, statement.sql, statement)
                 if done is None:
                     records[schema_file.name] = self._record_applied(deadline, schema_file)
                     applied.append(schema_file.name)
@@ -178,11 +179,7 @@ class Schema:
         expected = expected_tables(self.files, self._records(deadline))
         out = []
         for table in expected:
-            actual = dict(
-                self._columns(deadline, [(table.database or "", table.name)]).get(
-                    f"{table.database}.{table.name}", []
-                )
-            )
+            actual = dict(self._columns(deadline, table.database or "", table.name))
             want = dict(table.columns)
             out.append(
                 {
@@ -224,14 +221,13 @@ class Schema:
             None,
         )
         return {
-            file: Applied(checksum, at, by, json.loads(columns or "{}"))
+            file: Applied(checksum, at, by, json.loads(columns or "[]"))
             for file, checksum, at, by, columns in rows
         }
 
     def _present(self, deadline: Deadline) -> set[tuple[str, str]]:
         """Which of the schema's tables exist now."""
-        cfg = self._cfg
-        owned = {t for f in self.files for t in f.tables(cfg.database, cfg.cluster)}
+        owned = {t for tables in self._tables.values() for t in tables}
         if not owned:
             return set()
         rows = self._run(
@@ -243,28 +239,22 @@ class Schema:
         return {(str(d), str(n)) for d, n in rows} & owned
 
     def _record_applied(self, deadline: Deadline, schema_file: SchemaFile) -> Applied:
-        tables = schema_file.tables(self._cfg.database, self._cfg.cluster)
-        columns = self._columns(deadline, tables) if tables else {}
+        tables = self._tables[schema_file.name]
+        columns = [[d, t, self._columns(deadline, d, t)] for d, t in tables]
         by = f"{socket.gethostname()}:{os.getpid()}"
         row = (schema_file.name, schema_file.checksum, int(time.time()), by, json.dumps(columns))
         self._run(deadline, f"INSERT INTO {self.record} ({RECORD_COLUMNS}) VALUES", None, [row])
         return Applied(schema_file.checksum, row[2], by, columns)
 
-    def _columns(
-        self, deadline: Deadline, tables: Sequence[tuple[str, str]]
-    ) -> dict[str, list[list[str]]]:
-        """``{"db.table": [[name, type], ...]}`` as the server has them now."""
-        out: dict[str, list[list[str]]] = {}
-        for database, table in tables:
-            rows = self._run(
-                deadline,
-                "SELECT name, type FROM system.columns WHERE database = %(db)s "
-                "AND table = %(table)s",
-                None,
-                {"db": database, "table": table},
-            )
-            out[f"{database}.{table}"] = [[name, kind] for name, kind in rows]
-        return out
+    def _columns(self, deadline: Deadline, database: str, table: str) -> list[list[str]]:
+        """``[[name, type], ...]`` of a table as the server has it now ([]: no table)."""
+        rows = self._run(
+            deadline,
+            "SELECT name, type FROM system.columns WHERE database = %(db)s AND table = %(table)s",
+            None,
+            {"db": database, "table": table},
+        )
+        return [[name, kind] for name, kind in rows]
 
     def _run(
         self,
@@ -339,16 +329,17 @@ class Schema:
 def expected_tables(
     files: Sequence[SchemaFile], records: dict[str, Applied]
 ) -> tuple[AnalyticsTable, ...]:
-    """The tables the applied files made, with the columns recorded after the last file
-    that touched each."""
-    latest: dict[str, list[list[str]]] = {}
+    """The tables the applied files leave, with the columns recorded after the last file
+    that touched each (a table a later file dropped or renamed away is not expected)."""
+    latest: dict[tuple[str, str], list[list[str]]] = {}
     for schema_file in files:
         done = records.get(schema_file.name)
-        if done is not None:
-            latest.update(done.columns)
-    out = []
-    for name, columns in latest.items():
-        if columns:
-            database, _, table = name.partition(".")
-            out.append(AnalyticsTable(table, tuple((c, t) for c, t in columns), database=database))
-    return tuple(out)
+        for database, table, columns in done.columns if done is not None else ():
+            if columns:
+                latest[(database, table)] = columns
+            else:
+                latest.pop((database, table), None)
+    return tuple(
+        AnalyticsTable(table, tuple((c, t) for c, t in columns), database=database)
+        for (database, table), columns in latest.items()
+    )

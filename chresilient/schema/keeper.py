@@ -21,7 +21,11 @@ from .apply import Schema
 
 log = structlog.get_logger("chresilient.schema")
 
-UNKNOWN_TABLE = 60
+# UNKNOWN_TABLE, UNKNOWN_DATABASE: a table of the schema is gone (check it again).
+GONE_CODES = frozenset({60, 81})
+# NO_SUCH_COLUMN_IN_TABLE, UNKNOWN_IDENTIFIER: while the schema is being applied again,
+# a table may be back without the columns later files add.
+INCOMPLETE_CODES = frozenset({16, 47})
 # Waits between attempts while the schema cannot be applied.
 FIRST_WAIT, MAX_WAIT = 0.5, 10.0
 
@@ -50,15 +54,17 @@ class SchemaKeeper:
             self._wake.set()
 
     def lost(self, table: str, error: BaseException) -> bool:
-        """``error`` says a table of the schema is gone: mark stale, True (the caller keeps
-        the rows for later). False for any other error, or a table the schema lacks."""
-        if not isinstance(error, driver_errors.ServerException):
+        """``error`` says a table of the schema is gone (mark stale), or is being made
+        again: True, the caller keeps the rows for later. False for any other error, and
+        for a table the schema does not make."""
+        if not isinstance(error, driver_errors.ServerException) or not self.schema.owns(table):
             return False
-        if server_code(error) != UNKNOWN_TABLE or not self.schema.owns(table):
-            return False
-        log.warning("schema_table_missing", table=table)
-        self.stale()
-        return True
+        code = server_code(error)
+        if code in GONE_CODES:
+            log.warning("schema_table_missing", table=table)
+            self.stale()
+            return True
+        return code in INCOMPLETE_CODES and self._stale
 
     def apply_now(self, timeout: float | None = None) -> None:
         """Apply in this thread (``mgr.start()``); raises like :meth:`Schema.apply`."""

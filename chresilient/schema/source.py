@@ -19,11 +19,19 @@ from ..errors import ConfigError
 from ..statement import quote_identifier
 
 PLACEHOLDER = re.compile(r"\{(database|cluster|on_cluster)\}")
-# CREATE TABLE / ALTER TABLE and the table they touch (db.name, quoted or not).
+# The tables a statement touches (db.name, quoted or not): CREATE / ALTER / DROP TABLE
+# name, and RENAME TABLE a TO b, c TO d.
 _NAME = r"(?:`(?:[^`\\]|\\.)+`|[A-Za-z_][\w$]*)"
+_QUALIFIED = rf"{_NAME}(?:\.{_NAME})?"
 TOUCHES = re.compile(
-    rf"^\s*(?:CREATE|ALTER)\s+TABLE\s+(?:IF\s+NOT\s+EXISTS\s+)?({_NAME}(?:\.{_NAME})?)",
+    rf"^(?:CREATE|ALTER|DROP)\s+TABLE\s+(?:IF\s+(?:NOT\s+)?EXISTS\s+)?({_QUALIFIED})",
     re.IGNORECASE,
+)
+RENAMES = re.compile(rf"({_QUALIFIED})\s+TO\s+({_QUALIFIED})", re.IGNORECASE)
+# Schema files hold DDL: other statements (an INSERT waiting for data, a SELECT) do not
+# belong in a startup step that may run again.
+DDL_VERBS = frozenset(
+    {"create", "alter", "drop", "rename", "attach", "detach", "truncate", "optimize"}
 )
 
 
@@ -51,18 +59,31 @@ class SchemaFile:
         return hashlib.sha256(self.text.encode()).hexdigest()[:16]
 
     def statements(self, database: str, cluster: str | None) -> list[SchemaStatement]:
-        return [
-            SchemaStatement(self.name, line, render(sql, database, cluster))
-            for line, sql in split_sql(self.text)
-        ]
+        """The file's statements, placeholders expanded. Raises :class:`ConfigError` for
+        a statement that is not DDL or a ``{cluster}`` without a cluster."""
+        out = []
+        for line, sql in split_sql(self.text):
+            verb = sql.split(None, 1)[0].lower() if sql.split() else ""
+            if verb not in DDL_VERBS:
+                raise ConfigError(
+                    "schema_dir",
+                    f"{self.name}:{line}: schema files hold DDL (CREATE, ALTER, DROP, "
+                    f"RENAME, ...), not {verb.upper() or 'an empty statement'}",
+                )
+            out.append(SchemaStatement(self.name, line, render(sql, database, cluster)))
+        return out
 
     def tables(self, database: str, cluster: str | None) -> list[tuple[str, str]]:
-        """``(database, table)`` of every table this file creates or alters."""
+        """``(database, table)`` of every table this file creates, alters, drops or
+        renames."""
         found: list[tuple[str, str]] = []
         for statement in self.statements(database, cluster):
-            match = TOUCHES.match(strip_comments(statement.sql))
-            if match:
-                pair = table_key(match.group(1), database)
+            sql = statement.sql
+            names = [m.group(1)] if (m := TOUCHES.match(sql)) else []
+            if re.match(r"RENAME\s+TABLE\s", sql, re.IGNORECASE):
+                names = [n for pair in RENAMES.findall(sql) for n in pair]
+            for name in names:
+                pair = table_key(name, database)
                 if pair not in found:
                     found.append(pair)
         return found

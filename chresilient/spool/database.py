@@ -25,10 +25,11 @@ from .sqlite import BUSY_TIMEOUT, connect, is_disk_full, open_database
 log = structlog.get_logger("chresilient.spool")
 
 DB_NAME = "spool.sqlite3"
-# Less than this free on the spool's file system is reported as full before a write
-# fails; a full disk counts as fixed once RECOVERED_FREE_BYTES are free again.
+# An I/O error with less than this free is a full disk (SQLite says "disk I/O error" when
+# it cannot create its shared-memory file).
 LOW_FREE_BYTES = 64 << 10
-RECOVERED_FREE_BYTES = 256 << 10
+# Kept free (beyond the WAL's size) by every write of a batch: room to drain.
+DRAIN_RESERVE_BYTES = 512 << 10
 HINT = (
     "set CLICKHOUSE_SPOOL_DIR (Config.spool_dir) to a writable directory, or disable the "
     "spool with CLICKHOUSE_SPOOL_ENABLED=false"
@@ -56,19 +57,25 @@ class SpoolDatabase:
     # -- health -------------------------------------------------------------------------
     @property
     def state(self) -> str:
-        """``ok``, ``full`` or ``unwritable``: what the last write found (a full disk
-        counts as fixed once space is free again; a busy lock is not a problem)."""
+        """``ok``, ``full`` (less free than the spool needs to drain) or ``unwritable``
+        (the last write failed for another reason than space or a busy lock)."""
         problem = self.problem
-        if problem is None or problem.cause == "busy":
-            free = self.free_bytes()
-            return "full" if free is not None and free < LOW_FREE_BYTES else "ok"
-        if isinstance(problem, SpoolFullError):
-            free = self.free_bytes()
-            if free is not None and free >= RECOVERED_FREE_BYTES:
-                self.problem = None
-                return "ok"
+        if problem is not None and problem.cause not in ("busy", "disk full"):
+            return "unwritable"
+        free = self.free_bytes()
+        if free is not None and free < self.drain_room():
             return "full"
-        return "unwritable"
+        if problem is not None and problem.cause == "disk full":
+            self.problem = None  # space was freed
+        return "ok"
+
+    def drain_room(self) -> int:
+        """Bytes the spool keeps free: a checkpoint of the whole WAL, and a margin."""
+        try:
+            wal = os.path.getsize(self.path + "-wal")
+        except OSError:
+            wal = 0
+        return wal + DRAIN_RESERVE_BYTES
 
     def check(self) -> SpoolError | None:
         """Create the directory and database if needed and take the write lock once;
@@ -96,6 +103,26 @@ class SpoolDatabase:
         except OSError:
             return None
         return st.f_bavail * st.f_frsize
+
+    def check_room(self, size: int) -> None:
+        """Raise :class:`SpoolFullError` unless a write of ``size`` bytes leaves the room
+        the spool needs to drain: a checkpoint moves the WAL into the database file (which
+        grows by up to the WAL's size), and deleting a delivered batch is a write too. A
+        spool that filled its disk to the last byte could never drain."""
+        free = self.free_bytes()
+        if free is None:
+            return
+        need = 2 * size + self.drain_room()
+        if free < need:
+            self.problem = SpoolFullError(
+                f"spool write refused: disk full at {self.directory!r} ({free} bytes free): "
+                f"the spool keeps {need - size} bytes free to drain; free space on its file "
+                f"system, or {HINT}",
+                cause="disk full",
+                path=self.directory,
+                free_bytes=free,
+            )
+            raise self.problem
 
     def error(self, err: BaseException, action: str) -> SpoolError:
         """``err`` (SQLite or OS) as a SpoolError that names cause, path and free space."""
@@ -149,10 +176,10 @@ class SpoolDatabase:
     def read(self) -> Iterator[sqlite3.Connection]:
         with self._read_lock:
             try:
+                if self._conn is None:
+                    with self.locked():  # the schema exists once the writer has opened
+                        pass
                 if self._reader is None:
-                    if not os.path.exists(self.path):
-                        with self.locked():  # creates the schema
-                            pass
                     self._reader = connect(self.path)
                 yield self._reader
             except (sqlite3.Error, OSError) as err:
@@ -187,8 +214,9 @@ class SpoolDatabase:
         would inherit SQLite's own mutexes locked), and no connection may be open (the
         child would inherit SQLite's file-lock bookkeeping without the locks)."""
         wait = BUSY_TIMEOUT + 1.0
+        # The order read() takes them in (a reader may open the writer first).
         self._fork_held = [
-            lock for lock in (self._lock, self._read_lock) if lock.acquire(timeout=wait)
+            lock for lock in (self._read_lock, self._lock) if lock.acquire(timeout=wait)
         ]
         if len(self._fork_held) < 2:
             log.warning("spool_busy_at_fork", directory=self.directory, waited=wait)

@@ -39,7 +39,7 @@ from ..errors import (
     ErrorKind,
     SpoolError,
     classify,
-    describe,
+    describe_without_values,
 )
 from ..metrics import Metrics
 from .codec import SpoolDecodeError
@@ -81,6 +81,36 @@ class ReplayReport:
         return asdict(self)
 
 
+class DeliveredBatches:
+    """Batches this process delivered whose delete could not be written yet (a full
+    disk), per spool file. One per process, shared by its replayers: a manager closed and
+    built again in the same process must not send them again."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._by_path: dict[str, dict[int, SpooledBatch]] = {}
+        fork.register(self)
+
+    def add(self, path: str, batch: SpooledBatch) -> None:
+        with self._lock:
+            self._by_path.setdefault(path, {})[batch.seq] = batch
+
+    def waiting(self, path: str) -> list[SpooledBatch]:
+        with self._lock:
+            return list(self._by_path.get(path, {}).values())
+
+    def done(self, path: str, batch: SpooledBatch) -> None:
+        with self._lock:
+            self._by_path.get(path, {}).pop(batch.seq, None)
+
+    def after_fork_in_child(self) -> None:
+        self._lock = threading.Lock()
+        self._by_path = {}  # the parent deletes its own
+
+
+DELIVERED = DeliveredBatches()
+
+
 class SpoolReplayer:
     """The background service that drains the spool (see the module docstring)."""
 
@@ -110,7 +140,6 @@ class SpoolReplayer:
         self._ready = ready  # e.g. the schema is back after a recovery
         self._lost = lost  # the error says the table is gone and will come back
         self.pause = pause
-        self._unacked: list[SpooledBatch] = []  # delivered, delete not yet written
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -154,7 +183,6 @@ class SpoolReplayer:
     def after_fork_in_child(self) -> None:
         """The parent's thread does not exist here; start() starts a new one."""
         self._lock = threading.Lock()
-        self._unacked = []  # the parent's deliveries; its leases are not ours
         fork.reinit_event(self._wake)
         fork.reinit_event(self._stop)
         self._thread = None
@@ -185,7 +213,7 @@ class SpoolReplayer:
             try:
                 report = self._replay(None, self._stop)
             except Exception as exc:  # e.g. the spool's disk failed; try again later
-                report = ReplayReport(outcome="error", last_error=describe(exc))
+                report = ReplayReport(outcome="error", last_error=describe_without_values(exc))
                 if report.last_error != self.last_error:  # once per problem, not per pass
                     log.error("spool_replay_error", error=report.last_error)
                 self.last_error, self.last_error_wall = report.last_error, time.time()
@@ -278,7 +306,7 @@ class SpoolReplayer:
         except ClickHouseUnavailableError as err:
             self._failed(report, batch, err)
             if isinstance(err, CircuitOpenError) or not self._probe():
-                self.store.release(batch, report.last_error)  # not the batch's fault
+                self.store.release(batch, report.last_error, outage=True)  # not the batch
                 report.outcome = "unavailable"
                 if isinstance(err, CircuitOpenError):
                     report.retry_after = err.retry_after
@@ -309,7 +337,19 @@ class SpoolReplayer:
         self.last_delivery_wall = time.time()
         self._metrics.incr("spool_batches_replayed")
         self._metrics.incr("spool_rows_replayed", batch.rows)
-        self._unacked.append(batch)
+        try:
+            if not self.store.ack(batch):
+                log.warning("spool_lease_lost", table=batch.table, batch_id=batch.batch_id)
+            return True
+        except SpoolError as err:
+            DELIVERED.add(self.store.path, batch)
+            log.error(
+                "spool_ack_failed",
+                batch_id=batch.batch_id,
+                error=str(err),
+                hint="the batch is in ClickHouse; this process does not send it again and "
+                "deletes it once the spool can be written",
+            )
         if not self._flush_acks(stop):
             report.outcome = "spool_full"
             return False
@@ -348,22 +388,15 @@ class SpoolReplayer:
         lock, so no other replayer takes them over) until it works or the replayer stops.
         A manual replay waits at most :data:`ACK_WAIT` s, then raises."""
         waited, wait = 0.0, FIRST_BACKOFF / 2
-        while self._unacked:
-            batch = self._unacked[0]
+        path = self.store.path
+        while waiting := DELIVERED.waiting(path):
             try:
-                if not self.store.ack(batch):
-                    log.warning("spool_lease_lost", table=batch.table, batch_id=batch.batch_id)
-                self._unacked.pop(0)
+                for batch in waiting:
+                    self.store.forget(batch)
+                    DELIVERED.done(path, batch)
+                log.info("spool_ack_written", batches=len(waiting))
                 continue
-            except SpoolError as err:
-                log.error(
-                    "spool_ack_failed",
-                    batch_id=batch.batch_id,
-                    waiting=[b.batch_id for b in self._unacked],
-                    error=str(err),
-                    hint="the batch is in ClickHouse; it is not sent again while this "
-                    "process runs, and is deleted once the spool can be written",
-                )
+            except SpoolError:
                 self.store.compact()  # a checkpoint may give the delete its room
                 if stop is None and waited >= ACK_WAIT:
                     raise
@@ -376,7 +409,7 @@ class SpoolReplayer:
         return True
 
     def _failed(self, report: ReplayReport, batch: SpooledBatch, err: BaseException) -> None:
-        report.last_error = describe(err)
+        report.last_error = describe_without_values(err)
         self.last_error = report.last_error
         self.last_error_wall = time.time()
         log.info(

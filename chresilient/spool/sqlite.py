@@ -37,6 +37,8 @@ def open_database(path: str) -> sqlite3.Connection:
         # After a checkpoint the WAL keeps at most this much: reused from its start by the
         # next writes, so a delete can still be written when the disk is full.
         conn.execute(f"PRAGMA journal_size_limit = {WAL_RESERVE}")
+        # Checkpoint at about that size too (SQLite's default waits for 4 MiB).
+        conn.execute(f"PRAGMA wal_autocheckpoint = {WAL_RESERVE // 4096}")
         conn.executescript(SCHEMA)
         conn.execute(
             "INSERT OR IGNORE INTO meta (key, value) VALUES ('schema_version', ?)",

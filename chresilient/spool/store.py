@@ -155,6 +155,7 @@ class SpoolStore:
         while True:
             full: SpoolFullError
             try:
+                self.db.check_room(size)
                 result = self._put_once(record, payload)
                 if result is not None:
                     return result
@@ -271,9 +272,18 @@ class SpoolStore:
             )
             return cur.rowcount == 1
 
-    def release(self, batch: SpooledBatch, error: str | None) -> None:
-        """Give a claimed batch back uncounted (ClickHouse was unavailable)."""
-        self._update(batch, "lease_owner = NULL, lease_until = 0, last_error = ?", error)
+    def forget(self, batch: SpooledBatch) -> None:
+        """Delete a batch this process delivered, whoever holds its lease now."""
+        with self.db.write("ack") as conn:
+            conn.execute(
+                "DELETE FROM batches WHERE seq = ? AND batch_id = ?", (batch.seq, batch.batch_id)
+            )
+
+    def release(self, batch: SpooledBatch, error: str | None, *, outage: bool = False) -> None:
+        """Give a claimed batch back uncounted; ``outage``: ClickHouse was unavailable, so
+        its earlier failed attempts may have been the outage too: they count from 0."""
+        reset = "attempts = 0, " if outage else ""
+        self._update(batch, f"{reset}lease_owner = NULL, lease_until = 0, last_error = ?", error)
 
     def retry_later(self, batch: SpooledBatch, error: str, delay: float) -> None:
         """Count a failed attempt of this batch and hold its table back ``delay`` s."""

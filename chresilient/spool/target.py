@@ -21,6 +21,7 @@ from dataclasses import dataclass
 RESOLVE_TIMEOUT = 1.0
 LOOPBACK = "loopback"
 LOOPBACK_NAMES = frozenset({"localhost", "localhost.localdomain", "ip6-localhost", "ip6-loopback"})
+LOOPBACK_ADDRESSES = frozenset(ipaddress.ip_address(a) for a in ("127.0.0.1", "::1"))
 
 
 @dataclass(frozen=True)
@@ -66,7 +67,7 @@ def canonical(endpoint: str) -> str:
     except ValueError:
         name = LOOPBACK if host in LOOPBACK_NAMES else host
         return f"{name}:{port}"
-    if address.is_loopback:
+    if address in LOOPBACK_ADDRESSES:  # not all of 127/8: 127.0.0.2 may be another server
         return f"{LOOPBACK}:{port}"
     return f"{_bracket(address.compressed)}:{port}"
 

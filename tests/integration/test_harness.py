@@ -11,6 +11,7 @@ import sys
 import textwrap
 import threading
 import time
+import uuid
 from pathlib import Path
 
 import pytest
@@ -33,9 +34,11 @@ WRONG_PASSWORD_CODES = {193, 516}  # 18.x "Wrong password" / modern AUTHENTICATI
 
 
 def _whoami(client: Client) -> str:
-    # 18.16 has no currentUser(); the query can see itself in system.processes.
+    # 18.16 has no currentUser(); the query can see itself in system.processes. A marker
+    # of its own: an earlier client's query may still be listed for a moment.
+    marker = uuid.uuid4().hex
     rows = client.execute(
-        "SELECT user, 'whoami-marker' FROM system.processes WHERE query LIKE '%whoami-marker%'"
+        f"SELECT user, 'whoami-{marker}' FROM system.processes WHERE query LIKE '%whoami-{marker}%'"
     )
     return str(rows[0][0])
 

@@ -19,7 +19,7 @@ from clickhouse_driver import Client
 from helpers import make_config, subprocess_env, wait_until
 from test_cli import run_cli
 
-from chresilient import ClickHouseConnectionManager, SchemaError
+from chresilient import ClickHouseConnectionManager, SchemaError, StartupTimeoutError
 
 EVENTS = """-- the events of the application
 CREATE TABLE IF NOT EXISTS {database}.events (
@@ -33,13 +33,13 @@ ADD_COLUMN = "ALTER TABLE {database}.events ADD COLUMN note String;\n"
 
 @pytest.fixture
 def database(client: Client) -> Iterator[str]:
-    """An empty database of the session server, dropped afterwards."""
-    name = f"schema_{uuid.uuid4().hex[:8]}"
-    client.execute(f"CREATE DATABASE {name}")
+    """An empty database of the session server (a dot in its name), dropped afterwards."""
+    name = f"schema.{uuid.uuid4().hex[:8]}"
+    client.execute(f"CREATE DATABASE `{name}`")
     try:
         yield name
     finally:
-        client.execute(f"DROP DATABASE IF EXISTS {name}")
+        client.execute(f"DROP DATABASE IF EXISTS `{name}`")
 
 
 def _schema_dir(tmp_path: Path, **files: str) -> Path:
@@ -54,7 +54,8 @@ def _records(client: Client, database: str) -> list[tuple[str, int]]:
     return [
         (str(f), int(n))
         for f, n in client.execute(
-            f"SELECT file, count() FROM {database}._chresilient_schema GROUP BY file ORDER BY file"
+            f"SELECT file, count() FROM `{database}`._chresilient_schema "
+            "GROUP BY file ORDER BY file"
         )
     ]
 
@@ -167,7 +168,7 @@ def test_a_column_dropped_by_hand_shows_in_the_consistency_report(
     with ClickHouseConnectionManager(cfg) as mgr:
         mgr.start(wait=True, timeout=30)
         assert mgr.ensure_analytics_consistency()["overall_consistent"] is True
-        client.execute(f"ALTER TABLE {database}.events DROP COLUMN note")
+        client.execute(f"ALTER TABLE `{database}`.events DROP COLUMN note")
         report = mgr.ensure_analytics_consistency()
         assert report["overall_consistent"] is False
         assert any("note" in p for p in report["problems"]), report["problems"]
@@ -252,7 +253,7 @@ def test_a_schema_table_dropped_by_hand_comes_back_and_its_inserts_land(
     )
     with ClickHouseConnectionManager(cfg) as mgr:
         mgr.start(wait=True, timeout=30)
-        client.execute(f"DROP TABLE {database}.events")  # no outage: nothing else tells
+        client.execute(f"DROP TABLE `{database}`.events")  # no outage: nothing else tells
         result = mgr.insert("events", [(7, "k", "n")], ["id", "kind", "note"])
         assert result.spooled and "60" in (result.error or "")  # UNKNOWN_TABLE
         with pytest.raises(Exception, match="60"):  # a table the schema lacks: raised
@@ -271,7 +272,8 @@ def test_a_schema_table_dropped_by_hand_comes_back_and_its_inserts_land(
 
         def landed() -> bool:
             try:
-                return bool(client.execute(f"SELECT id, note FROM {database}.events") == [(7, "n")])
+                rows = client.execute(f"SELECT id, note FROM `{database}`.events")
+                return bool(rows == [(7, "n")])
             except Exception:  # the table or its column is being created again
                 return False
 
@@ -279,3 +281,58 @@ def test_a_schema_table_dropped_by_hand_comes_back_and_its_inserts_land(
         assert mgr.schema.last_report is not None
         assert mgr.schema.last_report["restored"] == ["001_events.sql", "002_note.sql"]
         assert _records(client, database) == [("001_events.sql", 1), ("002_note.sql", 1)]
+
+
+def test_a_table_a_later_file_drops_stays_dropped(
+    clickhouse: Any, client: Client, database: str, tmp_path: Path
+) -> None:
+    old = "CREATE TABLE IF NOT EXISTS {database}.old (id UInt8) ENGINE = Log;\n"
+    directory = _schema_dir(
+        tmp_path,
+        **{"001_old": old + EVENTS, "002_drop": "DROP TABLE IF EXISTS {database}.old;\n"},
+    )
+    cfg = make_config(
+        clickhouse, database=database, schema_dir=str(directory), analytics_probe_table=None
+    )
+    for _ in range(2):
+        with ClickHouseConnectionManager(cfg) as mgr:
+            mgr.start(wait=True, timeout=30)
+            assert mgr.schema.last_report is not None
+            assert mgr.schema.last_report["restored"] == []
+            assert [t.name for t in mgr.schema.expected] == ["events"]
+            assert mgr.ensure_analytics_consistency()["overall_consistent"] is True
+    tables = client.execute(
+        "SELECT name FROM system.tables WHERE database = %(db)s", {"db": database}
+    )
+    assert sorted(n for (n,) in tables) == ["_chresilient_schema", "events"]
+
+
+def test_required_false_defers_a_slow_schema_to_the_background(
+    clickhouse: Any, client: Client, database: str, tmp_path: Path
+) -> None:
+    import fcntl
+    import hashlib
+    import os
+    import tempfile
+
+    directory = _schema_dir(tmp_path, **{"001_events": EVENTS})
+    cfg = make_config(clickhouse, database=database, schema_dir=str(directory), schema_timeout=1.0)
+    key = "|".join(f"{h}:{p}" for h, p in cfg.hosts) + f"/{cfg.database}"
+    lock = os.path.join(
+        tempfile.gettempdir(),
+        f"chresilient-schema-{hashlib.sha1(key.encode()).hexdigest()[:12]}.lock",
+    )
+    fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o666)
+    fcntl.flock(fd, fcntl.LOCK_EX)  # another process is applying it, slowly
+    try:
+        strict = ClickHouseConnectionManager(cfg)
+        with strict, pytest.raises(StartupTimeoutError, match="another process"):
+            strict.start(wait=True, timeout=30)
+        with ClickHouseConnectionManager(cfg) as mgr:
+            mgr.start(wait=True, timeout=30, required=False)  # degraded, not raised
+            assert mgr.started
+            fcntl.flock(fd, fcntl.LOCK_UN)
+            wait_until(lambda: mgr.schema.last_report is not None, 30, what="the background apply")
+            assert mgr.insert("events", [(1, "k")], ["id", "kind"]).delivered
+    finally:
+        os.close(fd)

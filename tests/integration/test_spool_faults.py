@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shlex
 import subprocess
 import uuid
 from collections.abc import Iterator
@@ -144,9 +145,9 @@ def test_a_manager_starts_on_a_full_spool_disk_and_serves_queries(
         assert "free space" in str(info.value)
         fault_proxy.pass_through()
         filler.unlink()
+        assert mgr.health()["spool"]["state"] == "ok"  # freed: no write needed to see it
         mgr.start(wait=True, timeout=30)
         wait_until(lambda: _exactly(client, table) == (ROWS, ROWS), 30, what="replay")
-        assert mgr.health()["spool"]["state"] == "ok"
 
 
 def test_poison_batches_are_set_aside_while_the_rest_flows(
@@ -209,14 +210,7 @@ def test_poison_batches_are_set_aside_while_the_rest_flows(
     export = tmp_path / "poison.jsonl"
     done = run_cli(["spool", "export", str(seqs[ta]), "--output", str(export)], env)
     assert done.returncode == 0, done.stderr
-    assert "clickhouse-client" in done.stderr
-    with export.open() as fh:
-        subprocess.run(
-            ["clickhouse-client", "--host", clickhouse.host, "--port", str(clickhouse.port),
-             "--user", clickhouse.user, "--password", clickhouse.password,
-             "--query", f"INSERT INTO {clickhouse.database}.{ta} (id, s) FORMAT JSONEachRow"],
-            stdin=fh, check=True, timeout=60,
-        )  # fmt: skip
+    _load_as_printed(done.stderr, clickhouse)
     assert _exactly(client, ta) == (20_250, 20_250)
     assert run_cli(["spool", "discard", str(seqs[ta]), "--yes"], env).returncode == 0
     client.execute(f"CREATE TABLE {gone} (id UInt64, s String) ENGINE = MergeTree ORDER BY id")
@@ -266,3 +260,136 @@ def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
+
+
+def _load_as_printed(stderr: str, server: Any) -> None:
+    """Run the load command ``spool export`` printed, in a shell, as an operator would."""
+    (line,) = [x for x in stderr.splitlines() if "clickhouse-client --query" in x]
+    command = line[line.index("clickhouse-client") :]
+    conn = shlex.join(
+        ["--host", server.host, "--port", str(server.port), "--user", server.user,
+         "--password", server.password, "--database", server.database]
+    )  # fmt: skip
+    command = command.replace("clickhouse-client", f"clickhouse-client {conn}", 1)
+    subprocess.run(["bash", "-c", command], check=True, timeout=60, capture_output=True)
+
+
+def test_a_spool_that_fills_its_own_disk_still_drains(
+    clickhouse: Any, client: Client, fault_proxy: FaultProxy, small_disk: Path
+) -> None:
+    table = _table(client, "wedge")
+    cfg = make_config(
+        clickhouse,
+        host=fault_proxy.host,
+        port=fault_proxy.port,
+        spool_dir=str(small_disk / "spool"),
+        spool_replay_interval=0.2,
+    )
+    with ClickHouseConnectionManager(cfg) as mgr:
+        fault_proxy.refuse()
+        spooled = 0
+        for n in range(2_000):  # until the spool refuses: it must keep room to drain
+            rows = [(n * 1_000 + i, os.urandom(16).hex()) for i in range(200)]
+            try:
+                mgr.insert(table, rows, ["id", "s"])
+            except SpoolFullError as err:
+                assert err.cause == "disk full" and "to drain" in str(err)
+                break
+            spooled += len(rows)
+        else:
+            pytest.fail("the spool never said its disk was full")
+        assert spooled > 0 and mgr.health()["spool"]["state"] == "full"
+        fault_proxy.pass_through()
+        mgr.start(wait=True, timeout=30)
+        assert mgr.spool is not None
+        spool = mgr.spool
+        wait_until(lambda: spool.pending().batches == 0, 90, what="the full spool to drain")
+        assert _exactly(client, table) == (spooled, spooled)
+        assert mgr.health()["spool"]["state"] == "ok"
+
+
+def test_set_aside_batches_never_show_their_values(
+    clickhouse: Any, client: Client, fault_proxy: FaultProxy, tmp_path: Path, capsys: Any
+) -> None:
+    secret = "ROWSECRET42"
+    table = f"enum_{uuid.uuid4().hex[:8]}"
+    client.execute(f"CREATE TABLE {table} (e Enum8('a' = 1)) ENGINE = Memory")
+    cfg = make_config(
+        clickhouse,
+        host=fault_proxy.host,
+        port=fault_proxy.port,
+        spool_dir=str(tmp_path / "spool"),
+        spool_replay_interval=0.2,
+    )
+    with ClickHouseConnectionManager(cfg) as mgr:
+        fault_proxy.refuse()
+        assert mgr.insert(table, [(secret,)], ["e"]).spooled  # only ClickHouse knows it is bad
+        fault_proxy.pass_through()
+        mgr.start(wait=True, timeout=30)
+        assert mgr.spool is not None
+        spool = mgr.spool
+        wait_until(lambda: len(spool.set_aside()) == 1, 30, what="the batch set aside")
+        (aside,) = spool.set_aside()
+        assert aside.last_error is not None and "withheld" in aside.last_error
+        seen = json.dumps([mgr.health(), mgr.metrics(), spool.status()], default=str)
+    env = subprocess_env(
+        clickhouse,
+        tmp_path,
+        CLICKHOUSE_HOST=fault_proxy.host,
+        CLICKHOUSE_PORT=str(fault_proxy.port),
+    )
+    cli = [run_cli(["spool", verb, *extra], env) for verb, extra in
+           (("list", []), ("show", [str(aside.seq)]), ("status", []))]  # fmt: skip
+    out = capsys.readouterr()
+    for text in (seen, out.out, out.err, *(c.stdout + c.stderr for c in cli)):
+        assert secret not in text
+
+
+def test_exported_batches_load_back_as_the_same_rows(
+    clickhouse: Any, client: Client, fault_proxy: FaultProxy, tmp_path: Path
+) -> None:
+    import datetime as dt
+    import decimal
+
+    columns = "id UInt32, d Decimal(12, 3), t DateTime, tags Array(String), n Nullable(String)"
+    names = ["id", "d", "t", "tags", "n"]
+    reference, target = (f"{p}_{uuid.uuid4().hex[:8]}" for p in ("ref", "exp"))
+    for name in (reference, target):
+        client.execute(f"CREATE TABLE {name} ({columns}) ENGINE = MergeTree ORDER BY id")
+    aware = dt.datetime(2020, 1, 1, 22, 4, 5, tzinfo=dt.timezone(dt.timedelta(hours=-5)))
+    rows = [
+        (1, decimal.Decimal("1.50"), aware, ["it's", "é", 'q"x', "back\\slash"], None),
+        (2, decimal.Decimal("-12345.678"), dt.datetime(2021, 6, 1, 0, 0, 1), [], "plain"),
+        (3, decimal.Decimal("0"), dt.datetime(2021, 6, 1), ["\\N"], "\\N"),  # text, not NULL
+    ]
+    client.execute(f"INSERT INTO {reference} ({', '.join(names)}) VALUES", rows)
+    cfg = make_config(
+        clickhouse, host=fault_proxy.host, port=fault_proxy.port, spool_dir=str(tmp_path / "spool")
+    )
+    with ClickHouseConnectionManager(cfg) as mgr:
+        fault_proxy.refuse()
+        assert mgr.insert(target, rows, names).spooled
+        client.execute(f"RENAME TABLE {target} TO {target}_away")  # rejected on replay
+        fault_proxy.pass_through()
+        assert mgr.spool is not None  # replayed here, in this thread (no replayer started)
+        report = mgr.spool.replay()
+        assert report.set_aside == 1
+        (aside,) = mgr.spool.set_aside()
+    client.execute(f"RENAME TABLE {target}_away TO {target}")
+    env = subprocess_env(
+        clickhouse,
+        tmp_path,
+        CLICKHOUSE_HOST=fault_proxy.host,
+        CLICKHOUSE_PORT=str(fault_proxy.port),
+    )
+    want = client.execute(f"SELECT {', '.join(names)} FROM {reference} ORDER BY id")
+    for fmt in ("jsonl", "csv"):
+        client.execute(f"TRUNCATE TABLE {target}")
+        path = tmp_path / f"batch.{fmt}"
+        done = run_cli(
+            ["spool", "export", str(aside.seq), "--format", fmt, "--output", str(path)], env
+        )
+        assert done.returncode == 0, done.stderr
+        _load_as_printed(done.stderr, clickhouse)
+        got = client.execute(f"SELECT {', '.join(names)} FROM {target} ORDER BY id")
+        assert got == want, fmt

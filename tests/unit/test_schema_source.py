@@ -50,12 +50,14 @@ def test_touched_tables_and_insert_names_compare_alike() -> None:
 
 
 def test_files_apply_in_name_order_then_code(tmp_path: Path) -> None:
-    (tmp_path / "002_b.sql").write_text("SELECT 2")
-    (tmp_path / "001_a.sql").write_text("SELECT 1")
+    (tmp_path / "002_b.sql").write_text("DROP TABLE IF EXISTS b")
+    (tmp_path / "001_a.sql").write_text("CREATE DATABASE IF NOT EXISTS a")
     (tmp_path / "notes.txt").write_text("not sql")
-    files = load_schema(str(tmp_path), ["SELECT 3;", "SELECT 4"])
+    files = load_schema(str(tmp_path), ["DROP TABLE x;", "RENAME TABLE y TO z"])
     assert [f.name for f in files] == ["001_a.sql", "002_b.sql", "<code>"]
-    assert [s.sql for s in files[-1].statements("db", None)] == ["SELECT 3", "SELECT 4"]
+    code = files[-1].statements("db", None)
+    assert [s.sql for s in code] == ["DROP TABLE x", "RENAME TABLE y TO z"]
+    assert files[-1].tables("db", None) == [("db", "x"), ("db", "y"), ("db", "z")]
     with pytest.raises(ConfigError, match="schema_dir"):
         load_schema(str(tmp_path / "missing"), ())
 
@@ -77,3 +79,40 @@ def test_schema_settings_are_validated_and_read_from_env(tmp_path: Path) -> None
         with pytest.raises(ConfigError) as info:
             Config(host="127.0.0.1", **{field: value})
         assert info.value.field == field
+
+
+def test_schema_files_hold_ddl_only() -> None:
+    bad = SchemaFile(
+        "004_seed.sql", "CREATE TABLE t (id UInt8) ENGINE = Log;\n\nINSERT INTO t VALUES (1)"
+    )
+    with pytest.raises(ConfigError, match=r"004_seed.sql:3: .*not INSERT"):
+        bad.statements("db", None)
+
+
+def test_the_keeper_keeps_rows_only_for_tables_of_the_schema() -> None:
+    from typing import Any
+
+    from clickhouse_driver.errors import ServerException
+
+    from chresilient.schema import Schema, SchemaKeeper
+
+    class AppliedSchema(Schema):
+        """The keeper's logic alone: applying is the integration tests' business."""
+
+        def apply(self, timeout: float | None = None) -> dict[str, Any]:
+            return {}
+
+    cfg = Config(
+        host="127.0.0.1",
+        database="my.db",  # a dot in the name: keys are pairs, never "db.table" text
+        schema_statements=("CREATE TABLE IF NOT EXISTS {database}.events (id UInt8) ENGINE = Log",),
+    )
+    keeper = SchemaKeeper(AppliedSchema(cfg, executor=None))  # type: ignore[arg-type]
+    missing_column = ServerException("No such column note", code=16)
+    assert keeper.lost("`my.db`.`events`", ServerException("gone", code=60))  # and stale now
+    assert not keeper.ready() and keeper.lost("`events`", missing_column)
+    keeper.apply_now()
+    assert keeper.ready()
+    assert not keeper.lost("`events`", missing_column)  # the schema is current: a real error
+    assert not keeper.lost("`other`", ServerException("gone", code=60))
+    assert not keeper.lost("`events`", ServerException("syntax", code=62))

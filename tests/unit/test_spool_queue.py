@@ -34,6 +34,8 @@ def test_endpoint_spellings_of_one_server_are_one_endpoint() -> None:
     assert canonical("[2001:DB8:0:0::1]:9000") == "[2001:db8::1]:9000"
     assert canonical("CH-1.Example.COM:9000") == "ch-1.example.com:9000"
     assert canonical("127.0.0.1:9001") != canonical("127.0.0.1:9000")
+    # Other 127/8 addresses may be other servers (one per address, same port).
+    assert canonical("127.0.0.2:9000") == "127.0.0.2:9000" != canonical("127.0.0.3:9000")
 
 
 def test_targets_match_across_spelling_order_and_added_replicas() -> None:
@@ -232,3 +234,47 @@ def test_spool_errors_name_cause_path_and_free_space(tmp_path: Path) -> None:
     assert f"({err.free_bytes} bytes free)" in str(err) and str(tmp_path) in str(err)
     assert isinstance(err.__cause__, sqlite3.DatabaseError)
     assert store.state == "unwritable"
+
+
+def test_an_outage_resets_the_attempts_a_batch_had_counted(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(replay_module, "FIRST_BACKOFF", 0.0)
+    store, server = _store(tmp_path), _Server()
+    store.put("`a`", None, [(0,)], batch_id="b0")
+    server.poison.add("b0")
+    replayer = _replayer(store, server, max_attempts=3)
+    assert replayer.replay().outcome == "retrying"
+    assert store.batches(ids=[1])[0].attempts == 1  # ClickHouse answered: counted
+    server.up = False  # then an outage: that failure may have been its start
+    assert replayer.replay().outcome == "unavailable"
+    assert store.batches(ids=[1])[0].attempts == 0
+
+
+def test_a_batch_delivered_but_not_deleted_is_not_sent_by_the_next_manager_either(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(spool_sqlite, "BUSY_TIMEOUT", 0.1)
+    monkeypatch.setattr(replay_module, "ACK_WAIT", 0.3)
+    store, server = _store(tmp_path), _Server()
+    store.put("`a`", None, [(0,)], batch_id="b0")
+    blocker = sqlite3.connect(store.path, isolation_level=None, check_same_thread=False)
+
+    def deliver(batch: SpooledBatch) -> None:
+        server.deliver(batch)
+        blocker.execute("BEGIN IMMEDIATE")  # the delete cannot be written now
+
+    first = SpoolReplayer(store, deliver, metrics=Metrics(), interval=60, lease_seconds=60)
+    with pytest.raises(SpoolError):  # a manual replay gives up waiting for the delete
+        first.replay()
+    first.stop(1.0)
+    blocker.execute("ROLLBACK")
+    blocker.close()
+    # A new manager (store, replayer) in the same process: the batch is in ClickHouse.
+    second_store = _store(tmp_path)
+    second = SpoolReplayer(
+        second_store, server.deliver, metrics=Metrics(), interval=60, lease_seconds=60
+    )
+    report = second.replay()
+    assert server.delivered == ["b0"] and report.batches == 0
+    assert second_store.totals().batches == 0

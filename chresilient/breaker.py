@@ -172,6 +172,10 @@ class CircuitBreaker:
         self._locked(apply, refresh=False)
 
     @property
+    def config(self) -> CircuitBreakerConfig:
+        return self._config
+
+    @property
     def name(self) -> str:
         return self._name
 

@@ -133,6 +133,11 @@ class HealthMonitor:
         self._inflight = None  # (the caches' single flights repair themselves)
 
     @property
+    def probing(self) -> bool:
+        """A probe is waiting on a server right now."""
+        return self._inflight is not None
+
+    @property
     def running(self) -> bool:
         return self._thread is not None and self._thread.is_alive()
 

@@ -445,7 +445,9 @@ def test_replica_delay_is_read_from_system_replicas(cluster: list[LocalClickHous
     off = ClickHouseConnectionManager(cluster_config(cluster, max_replica_delay=None))
     try:
         off.start(wait=True, timeout=10)
-        off.health()  # one probe round
+        probed = off.health()["probe"]  # a probe round ran, and did not read the delay
+        assert off.monitor.probes_total >= 1 and all(r["ok"] for r in probed["hosts"].values())
+        assert all(r.get("replica_delay") is None for r in probed["hosts"].values())
         assert all(h.replica_delay is None for h in off.hosts)
     finally:
         off.close()

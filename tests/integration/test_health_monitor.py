@@ -216,13 +216,14 @@ def test_prune_racing_checkouts_never_hands_out_a_closed_socket(clickhouse: Any)
 
 def test_close_stops_the_monitor_within_a_second(clickhouse: Any) -> None:
     mgr = monitored(clickhouse)
+    before = set(threading.enumerate())
     mgr.start(wait=True, timeout=10)
-    thread = mgr.monitor._thread
-    assert thread is not None and thread.is_alive()
+    (thread,) = [t for t in set(threading.enumerate()) - before if t.name == "chresilient-health"]
+    assert mgr.monitor.running and thread.daemon
     started = time.monotonic()
     mgr.close()
     assert time.monotonic() - started < 5.0  # hang guard (SERVICE_STOP_TIMEOUT is 1 s)
-    assert not thread.is_alive() and thread.daemon
+    assert not thread.is_alive() and not mgr.monitor.running
 
 
 def test_close_interrupts_a_probe_stuck_on_a_frozen_server(clickhouse_server: Any) -> None:
@@ -231,17 +232,19 @@ def test_close_interrupts_a_probe_stuck_on_a_frozen_server(clickhouse_server: An
     )
     observer = clickhouse_server.client(connect_timeout=5, send_receive_timeout=10)
     try:
+        before = set(threading.enumerate())
         mgr.start(wait=True, timeout=10)
+        (thread,) = [
+            t for t in set(threading.enumerate()) - before if t.name == "chresilient-health"
+        ]
         wait_until(lambda: mgr.monitor.probes_total >= 1, timeout=15, what="a first probe")
         assert tcp_connections(observer) >= 2
         clickhouse_server.freeze()
         wait_until(
-            lambda: mgr.monitor._inflight is not None,
+            lambda: mgr.monitor.probing,
             timeout=15,
             what="a probe waiting on the frozen server",
         )
-        thread = mgr.monitor._thread
-        assert thread is not None
         started = time.monotonic()
         mgr.close()
         assert time.monotonic() - started < 5.0  # not the 10 s probe timeout

@@ -37,6 +37,7 @@ from chresilient import (
     ClickHouseUnavailableError,
     InsertSourceError,
     RetryConfig,
+    errors,
 )
 
 ROOT = str(Path(__file__).resolve().parents[2])
@@ -86,8 +87,10 @@ def test_rejected_rows_raise_and_are_not_spooled(mgr: ClickHouseConnectionManage
         with pytest.raises(driver_errors.ServerException) as info:
             mgr.insert("no_such_table_xyz", [(1,)])
         assert info.value.code == 60
-        with pytest.raises(driver_errors.Error):  # the driver's type check, client side
+        # The driver's own type check, client side, exactly as the bare driver raises it.
+        with pytest.raises(driver_errors.TypeMismatchError) as mismatch:
             mgr.insert(name, [("not a number",)])
+        assert not isinstance(mismatch.value, errors.ChResilientError)
         assert mgr.spool is not None and mgr.spool.pending().batches == 0
         assert mgr.metrics()["circuit_breaker_state"] == "closed"
     finally:
@@ -95,30 +98,40 @@ def test_rejected_rows_raise_and_are_not_spooled(mgr: ClickHouseConnectionManage
 
 
 def test_replay_sets_aside_rejected_batches_and_keeps_going(
-    mgr: ClickHouseConnectionManager,
+    clickhouse: Any, fault_proxy: Any, tmp_path: Path
 ) -> None:
     good, missing = _table("good"), _table("missing")
+    cfg = make_config(
+        fault_proxy, auth=clickhouse, spool_dir=str(tmp_path / "spool"), spool_replay_interval=60
+    )
+    mgr = ClickHouseConnectionManager(cfg)
     mgr.execute(f"CREATE TABLE {good} (id UInt32) ENGINE = Memory")
     spool = mgr.spool
     assert spool is not None
     try:
-        spool.store.put(f"`{missing}`", ["id"], [(1,)], batch_id="m1")
+        fault_proxy.refuse()  # an outage: what the rows are for is not checked yet
+        fault_proxy.reset_active()
+        assert mgr.insert(missing, [(1,)], ["id"]).spooled
         for n in range(3):
-            spool.store.put(f"`{good}`", ["id"], [(n,)], batch_id=f"g{n}")
+            assert mgr.insert(good, [(n,)], ["id"]).spooled
+        fault_proxy.pass_through()
+        assert mgr.metrics()["circuit_breaker_state"] == "closed"  # 4 failures: under 5
         report = spool.replay()
         assert (report.outcome, report.batches, report.set_aside) == ("drained", 3, 1)
         assert mgr.execute(f"SELECT count() FROM {good}") == [(3,)]
         status = spool.status()
         assert status["failed_batches"] == 1 and status["pending_batches"] == 0
-        assert "UNKNOWN_TABLE" in status["last_error"] or "60" in status["last_error"]
+        assert status["last_error"].startswith("ServerException 60: Table")  # UNKNOWN_TABLE
         # Fixed by the operator: requeue, and it goes through.
         mgr.execute(f"CREATE TABLE {missing} (id UInt32) ENGINE = Memory")
         assert spool.requeue_failed() == 1
         assert spool.replay().batches == 1
         assert mgr.execute(f"SELECT count() FROM {missing}") == [(1,)]
     finally:
+        fault_proxy.pass_through()
         mgr.execute(f"DROP TABLE IF EXISTS {good}")
         mgr.execute(f"DROP TABLE IF EXISTS {missing}")
+        mgr.close()
 
 
 ROUND_TRIP_DDL = """

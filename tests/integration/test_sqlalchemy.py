@@ -43,10 +43,11 @@ def test_engine_survives_restart_and_marks_disconnects(clickhouse_server: Any) -
             assert conn.execute(sa.text("SELECT 2")).scalar() == 2
         with engine.connect() as conn:
             clickhouse_server.kill()
-            with pytest.raises(Exception) as info:
+            # The dialect passes the socket's own error through (BrokenPipe, EOF), or
+            # SQLAlchemy wraps it; either way handle_error marks a disconnect.
+            with pytest.raises((sa.exc.DBAPIError, ConnectionError, EOFError)):
                 conn.execute(sa.text("SELECT 3"))
-            assert not isinstance(info.value, AssertionError)
-            assert conn.invalidated  # handle_error marked it as a disconnect
+            assert conn.invalidated
         clickhouse_server.start()
         with engine.connect() as conn:
             assert conn.execute(sa.text("SELECT 4")).scalar() == 4

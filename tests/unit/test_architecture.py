@@ -181,3 +181,24 @@ def test_modules_are_small(name: str) -> None:
     # The facade keeps the public signatures and their docstrings; everything else is wired.
     limit = 350 if name == "chresilient.manager" else 450
     assert lines <= limit, f"{path.name}: {lines} lines (limit {limit}): split it"
+
+
+def test_no_test_reads_a_private_name_of_the_library() -> None:
+    """Tests go through the public API or a seam the architecture provides (a pure
+    selector, events, an injected clock): a test on internals breaks on every refactor."""
+    problems = []
+    for path in sorted((PACKAGE.parent / "tests").rglob("*.py")):
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        own = _defined_names(tree)
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("chresilient"):
+                problems += [f"{path.name}:{node.lineno} imports {a.name}" for a in node.names
+                             if _is_private(a.name)]  # fmt: skip
+            if (
+                isinstance(node, ast.Attribute)
+                and _is_private(node.attr)
+                and node.attr not in own
+                and not (isinstance(node.value, ast.Name) and node.value.id in ("self", "cls"))
+            ):
+                problems.append(f"{path.name}:{node.lineno} reads .{node.attr}")
+    assert not problems, "\n".join(problems)

@@ -48,7 +48,7 @@ def fail(breaker: CircuitBreaker, n: int = 1, exc: BaseException | None = None) 
 
 
 def trip(breaker: CircuitBreaker, clock: FakeClock, *, half_open: bool = False) -> None:
-    fail(breaker, breaker._config.failure_threshold)
+    fail(breaker, breaker.config.failure_threshold)
     assert breaker.state is OPEN
     if half_open:
         clock.advance(10.0)
@@ -566,7 +566,7 @@ class BreakerMachine(RuleBasedStateMachine):
     @rule(success=st.booleans())
     def probe(self, success: bool) -> None:
         self.last_action = f"probe_{'success' if success else 'failure'}"
-        was_open = self.breaker._state is OPEN  # the raw state, without a lazy refresh
+        was_open = self.breaker.retry_after > 0  # open, its recovery timer running
         self.breaker.record_probe(success, None if success else NetworkError("probe"))
         if was_open and not success:
             self.opened_at = self.clock.now

@@ -88,7 +88,7 @@ def test_deterministic_error_is_raised_after_one_attempt() -> None:
         call_with_retry(
             attempt,
             policy=RetryPolicy(),
-                sleep=_no_sleep([]),
+            sleep=_no_sleep([]),
             stats=stats,
         )
     assert info.value is err
@@ -101,7 +101,7 @@ def test_gives_up_after_max_attempts_with_last_error() -> None:
         call_with_retry(
             attempt,
             policy=RetryPolicy(max_attempts=3),
-                sleep=_no_sleep([]),
+            sleep=_no_sleep([]),
         )
     assert info.value.attempts == 3 and len(timeouts) == 3
     assert isinstance(info.value.last_error, socket.timeout)
@@ -117,10 +117,11 @@ def test_deadline_bounds_attempts_and_waits() -> None:
             policy=RetryPolicy(
                 max_attempts=100, initial_delay=0.01, max_delay=0.02, timeout_per_attempt=5
             ),
-                sleep=lambda s: True,
+            sleep=_no_sleep(delays),
             deadline=Deadline(0.0),
         )
     assert len(timeouts) == 1 and timeouts[0] == pytest.approx(0.001)
+    assert not delays  # a spent deadline never waits before giving up
     # A deadline in the future cuts each attempt's bound down to what is left.
     attempt, timeouts = _flaky([])
     call_with_retry(
@@ -129,7 +130,6 @@ def test_deadline_bounds_attempts_and_waits() -> None:
         deadline=Deadline(3.0),
     )
     assert 2.5 < timeouts[0] <= 3.0
-    assert not delays
 
 
 def test_budget_stops_retries() -> None:
@@ -139,7 +139,7 @@ def test_budget_stops_retries() -> None:
         call_with_retry(
             attempt,
             policy=RetryPolicy(max_attempts=10),
-                budget=budget,
+            budget=budget,
             sleep=_no_sleep([]),
         )
 
@@ -147,18 +147,14 @@ def test_budget_stops_retries() -> None:
 def test_circuit_open_is_never_retried() -> None:
     attempt, timeouts = _flaky([CircuitOpenError("h", 1.0)] * 3)
     with pytest.raises(CircuitOpenError):
-        call_with_retry(
-            attempt, policy=RetryPolicy(), sleep=_no_sleep([])
-        )
+        call_with_retry(attempt, policy=RetryPolicy(), sleep=_no_sleep([]))
     assert len(timeouts) == 1
 
 
 def test_interrupted_sleep_abandons_the_call() -> None:
     attempt, timeouts = _flaky([EOFError()] * 3)
     with pytest.raises(ClickHouseUnavailableError, match="closing"):
-        call_with_retry(
-            attempt, policy=RetryPolicy(), sleep=lambda s: False
-        )
+        call_with_retry(attempt, policy=RetryPolicy(), sleep=lambda s: False)
     assert len(timeouts) == 1
 
 

@@ -22,7 +22,7 @@ from urllib.parse import quote, unquote, urlparse
 import pytest
 from clickhouse_driver import Client, errors
 
-from chresilient import CircuitBreakerConfig, Config, RetryConfig
+from chresilient import CircuitBreakerConfig, ClickHouseUnavailableError, Config, RetryConfig
 from chresilient.testing.server import LocalClickHouse, LocalClickHouseError
 
 ENV_URL = "CLICKHOUSE_TEST_URL"
@@ -276,3 +276,16 @@ def subprocess_env(server: Any, tmp_path: Path, **extra: str) -> dict[str, str]:
         )
     env.update(extra)
     return env
+
+
+def wait_for_recovery(mgr: Any, timeout: float = 15.0) -> None:
+    """Wait until ``mgr`` answers again the way an application sees it: the breaker lets a
+    trial call through after its recovery timeout, and that success closes it."""
+
+    def answers() -> bool:
+        try:
+            return bool(mgr.execute("SELECT 1") == [(1,)])
+        except ClickHouseUnavailableError:
+            return False
+
+    wait_until(answers, timeout, what="ClickHouse to answer through the breaker again")

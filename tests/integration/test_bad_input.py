@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 from clickhouse_driver import Client
 from clickhouse_driver import errors as driver_errors
-from helpers import make_config
+from helpers import make_config, wait_for_recovery
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -226,7 +226,7 @@ def test_bad_rows_while_clickhouse_is_down_are_spooled_then_set_aside(
         spool = mgr.spool
         assert spool is not None and spool.pending().batches == 4
         fault_proxy.pass_through()
-        mgr.hosts[0].breaker.reset()
+        wait_for_recovery(mgr)
         report = spool.replay()
         assert (report.outcome, report.batches, report.set_aside) == ("drained", 2, 2)
         assert mgr.execute(f"SELECT id, s FROM {table} ORDER BY id") == [(1, "good"), (2, "good")]

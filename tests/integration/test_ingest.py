@@ -491,18 +491,21 @@ def test_replayer_is_woken_by_recovery(clickhouse_server: Any, tmp_path: Path) -
             spool = mgr.spool
             assert spool is not None
             clickhouse_server.start()
-            mgr.hosts[0].breaker.reset()
+            assert mgr.metrics()["circuit_breaker_state"] == "closed"  # one failure
             # A live insert that succeeds tells the replayer the server is back.
             assert mgr.insert("t", [(2, "live")]).delivered
             wait_until(lambda: spool.pending().batches == 0, timeout=15, what="replayed")
             assert mgr.execute("SELECT id FROM t ORDER BY id") == [(1,), (2,)]
-            # And wake() (the health monitor's call) replays without waiting for the poll.
+            # And the health monitor's recovery wakes it: no live insert this time. (The
+            # monitor's interval is 60 s: it is asked to probe now, as a breaker opening
+            # or the next interval would.)
             clickhouse_server.kill()
             assert mgr.insert("t", [(3, secret_row)]).spooled
             clickhouse_server.start()
-            mgr.hosts[0].breaker.reset()
-            spool.wake()
+            mgr.monitor.wake()
             wait_until(lambda: spool.pending().batches == 0, timeout=15, what="replayed on wake")
+            recovered = [e for e in logs if e["event"] == "clickhouse_recovered"]
+            assert len(recovered) == 2  # after the live insert, then after the monitor's probe
         events = {entry["event"] for entry in logs}
         assert {"insert_spooled", "spool_replayed"} <= events
         text = repr(logs) + repr(mgr.spool_health()) + repr(spool.status())

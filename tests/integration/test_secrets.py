@@ -30,7 +30,7 @@ from wsgiref.util import setup_testing_defaults
 import pytest
 import structlog
 from clickhouse_driver import errors as driver_errors
-from helpers import make_config, wait_until
+from helpers import make_config, wait_for_recovery, wait_until
 
 from chresilient import (
     CircuitBreakerConfig,
@@ -269,8 +269,7 @@ def test_the_password_never_appears_in_any_output(
             seen.observe(good)
             clickhouse_server.start()
 
-            good.hosts[0].breaker.reset()
-            good.execute("SELECT 1")  # a fresh connection through the proxy
+            wait_for_recovery(good)  # a fresh connection through the proxy
             proxy.reset()
             seen.error(lambda: good.execute("SELECT 1"), ClickHouseUnavailableError)
             seen.observe(good)

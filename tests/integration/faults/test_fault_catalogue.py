@@ -16,7 +16,7 @@ import pytest
 import structlog
 from clickhouse_driver import Client
 from clickhouse_driver import errors as driver_errors
-from helpers import make_config, start_local_server, wait_until
+from helpers import make_config, start_local_server, wait_for_recovery, wait_until
 
 from chresilient import (
     CircuitBreakerConfig,
@@ -283,7 +283,7 @@ def test_f07_insert_cut_mid_way_is_not_repeated_without_dedup(
         assert info.value.attempts == 4  # reads are repeated
         assert classify(info.value.last_error) is ErrorKind.TRANSPORT  # type: ignore[arg-type]
         fault_proxy.pass_through()
-        proxied.hosts[0].breaker.reset()
+        wait_for_recovery(proxied)
         assert proxied.execute("SELECT 5") == [(5,)]
         assert direct.execute(f"SELECT count() FROM {table}") == [(2,)]
     finally:
@@ -411,8 +411,12 @@ def test_f11_too_many_simultaneous_queries_is_retried() -> None:
     # without it can see on the server that both blockers run before the call is made.
     server = start_local_server()
     patient = RetryConfig(
-        max_attempts=60, initial_delay=0.1, max_delay=0.3, timeout_per_attempt=3.0,
-        total_timeout=30.0, budget_burst=100.0,
+        max_attempts=60,
+        initial_delay=0.1,
+        max_delay=0.3,
+        timeout_per_attempt=3.0,
+        total_timeout=30.0,
+        budget_burst=100.0,
     )
     mgr = _patient(server, retry=patient)
     blockers = [Client(server.host, port=server.port) for _ in range(2)]

@@ -289,3 +289,21 @@ def wait_for_recovery(mgr: Any, timeout: float = 15.0) -> None:
             return False
 
     wait_until(answers, timeout, what="ClickHouse to answer through the breaker again")
+
+
+def wait_running(server: Any, marker: str, timeout: float = 15.0) -> None:
+    """Wait until the server lists a query containing ``marker`` (seen from another
+    connection): the call is on the server, not merely started by a thread."""
+    watcher = fast_client(server.host, server.port, timeout=2.0)
+    query = (
+        "SELECT count() FROM system.processes WHERE query LIKE %(q)s "
+        "AND query NOT LIKE '%%system.processes%%'"
+    )
+    try:
+        wait_until(
+            lambda: watcher.execute(query, {"q": f"%{marker}%"})[0][0] > 0,
+            timeout,
+            what=f"the server to run {marker!r}",
+        )
+    finally:
+        watcher.disconnect()

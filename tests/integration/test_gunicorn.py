@@ -21,6 +21,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
+import pytest
 from helpers import subprocess_env, wait_until
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -62,6 +63,7 @@ def _worker_states(base: str) -> dict[str, str]:
     return states
 
 
+@pytest.mark.slow
 def test_gunicorn_preload_workers_through_an_outage(clickhouse_server: Any, tmp_path: Path) -> None:
     server = clickhouse_server
     port = _free_port()

@@ -288,6 +288,7 @@ def _soak(mgr: ClickHouseConnectionManager, chaos: Chaos, t0: float) -> Run:
 
 
 @pytest.mark.faults
+@pytest.mark.slow
 def test_soak_under_chaos_loses_nothing(
     clickhouse_server: LocalClickHouse, record_property: Callable[[str, Any], None]
 ) -> None:

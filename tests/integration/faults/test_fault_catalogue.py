@@ -16,7 +16,7 @@ import pytest
 import structlog
 from clickhouse_driver import Client
 from clickhouse_driver import errors as driver_errors
-from helpers import make_config, start_local_server, wait_for_recovery, wait_until
+from helpers import make_config, start_local_server, wait_for_recovery, wait_running, wait_until
 
 from chresilient import (
     CircuitBreakerConfig,
@@ -125,7 +125,7 @@ def test_f03_killed_mid_query_read_is_retried(clickhouse_server: Any) -> None:
     try:
         assert mgr.execute("SELECT 1") == [(1,)]
         thread, box = _in_thread(lambda: mgr.execute("SELECT sleep(2)"))
-        time.sleep(0.5)
+        wait_running(clickhouse_server, "SELECT sleep(2)")
         clickhouse_server.kill()
         time.sleep(0.3)
         clickhouse_server.start()
@@ -303,7 +303,7 @@ def test_f05_frozen_mid_query_is_bounded(clickhouse_server: Any) -> None:
     try:
         assert mgr.execute("SELECT 1") == [(1,)]
         thread, box = _in_thread(lambda: mgr.execute("SELECT sleep(2)"))
-        time.sleep(0.3)
+        wait_running(clickhouse_server, "SELECT sleep(2)")
         clickhouse_server.freeze()
         thread.join(timeout=15)
         assert not thread.is_alive(), "a call on a frozen server hung"
@@ -389,6 +389,13 @@ def test_f08_added_latency(clickhouse: Any, fault_proxy: Any) -> None:
 
 def test_f10_syntax_error_and_unknown_table_make_one_attempt(clickhouse: Any) -> None:
     manager = ClickHouseConnectionManager(make_config(clickhouse))
+    try:
+        _one_attempt_each(manager)
+    finally:
+        manager.close()
+
+
+def _one_attempt_each(manager: ClickHouseConnectionManager) -> None:
     manager.execute("SELECT 1")
     before = manager.metrics()
     for query, code in (("SELEC 1", 62), ("SELECT * FROM no_such_table_xyz", 60)):
@@ -403,7 +410,6 @@ def test_f10_syntax_error_and_unknown_table_make_one_attempt(clickhouse: Any) ->
     assert after["circuit_breaker_state"] == "closed"
     assert after["consecutive_failures"] == 0
     assert manager.execute("SELECT 2") == [(2,)]
-    manager.close()
 
 
 def test_f11_too_many_simultaneous_queries_is_retried() -> None:

@@ -186,7 +186,7 @@ def test_reconnect_needs_the_bearer_token(mgr: Any) -> None:
         ok = call(endpoint, method="POST", headers={"Authorization": f"Bearer {TOKEN}"})
         assert ok.status == 200 and ok.json()["reconnected"] is True
         assert mgr.hosts[0].pool.queue_pool is not old_pool  # a fresh pool
-        # Concurrent requests share one reconnect (single flight).
+        # Concurrent requests all answer (that they share one run: the next test).
         replies: list[Any] = []
         threads = [
             threading.Thread(
@@ -201,7 +201,6 @@ def test_reconnect_needs_the_bearer_token(mgr: Any) -> None:
         for thread in threads:
             thread.join(20)
         assert [r.status for r in replies] == [200] * 4
-        assert len({r.json()["hosts"][mgr.hosts[0].label]["seconds"] for r in replies}) < 4
         assert mgr.execute("SELECT 1") == [(1,)]
 
 
@@ -431,3 +430,46 @@ def test_metrics_negotiation_and_pool_series_partition(clickhouse: Any, client: 
         for rows in streams:
             list(rows)
         manager.close()
+
+
+def test_concurrent_reconnect_requests_share_one_run(mgr: Any) -> None:
+    entered = threading.Semaphore(0)
+    all_in = threading.Event()
+    runs: list[float] = []
+
+    class Source:
+        """The manager, with its reconnect held until all four requests are in."""
+
+        def __getattr__(self, name: str) -> Any:
+            return getattr(mgr, name)
+
+        def reconnect(self) -> Any:
+            runs.append(time.monotonic())
+            assert all_in.wait(20)
+            return mgr.reconnect()
+
+    inner = health_wsgi_app(Source(), reconnect_token=TOKEN)
+
+    def counting(environ: Any, start_response: Any) -> Any:
+        entered.release()
+        return inner(environ, start_response)
+
+    with serve(counting) as url:
+        endpoint = url + BASE + "/reconnect"
+        auth = {"Authorization": f"Bearer {TOKEN}"}
+        replies: list[Any] = []
+        threads = [
+            threading.Thread(target=lambda: replies.append(call(endpoint, "POST", auth)))
+            for _ in range(4)
+        ]
+        for thread in threads:
+            thread.start()
+        for _ in range(4):
+            assert entered.acquire(timeout=20)
+        time.sleep(0.5)  # from the WSGI entry to joining the flight: microseconds; a margin
+        all_in.set()
+        for thread in threads:
+            thread.join(20)
+    assert [r.status for r in replies] == [200] * 4
+    assert len(runs) == 1  # one reconnect served all four
+    assert len({json.dumps(r.json(), sort_keys=True) for r in replies}) == 1

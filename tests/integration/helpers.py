@@ -13,6 +13,7 @@ import shutil
 import socket
 import subprocess
 import tempfile
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -307,3 +308,34 @@ def wait_running(server: Any, marker: str, timeout: float = 15.0) -> None:
         )
     finally:
         watcher.disconnect()
+
+
+def free_port() -> int:
+    """A loopback port nothing listens on (a connect there is refused)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def in_thread(fn: Callable[[], Any]) -> tuple[threading.Thread, dict[str, Any]]:
+    """Run ``fn`` in a started daemon thread; the box gets its ``result`` or ``error``,
+    ``elapsed`` and the monotonic time it ``ended``."""
+    box: dict[str, Any] = {}
+
+    def run() -> None:
+        started = time.monotonic()
+        try:
+            box["result"] = fn()
+        except BaseException as exc:
+            box["error"] = exc
+        box["ended"] = time.monotonic()
+        box["elapsed"] = box["ended"] - started
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    return thread, box
+
+
+def open_fds() -> int:
+    """File descriptors this process has open."""
+    return len(os.listdir("/proc/self/fd"))

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -15,8 +14,8 @@ from types import SimpleNamespace
 from typing import Any
 
 import pytest
+from helpers import free_port, wait_until
 from helpers import subprocess_env as _env
-from helpers import wait_until
 
 VERBS = ("wait", "check", "health", "metrics", "spool", "schema", "serve")
 
@@ -33,12 +32,6 @@ def run_cli(
         stdin=subprocess.DEVNULL,
         check=False,
     )
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @pytest.mark.parametrize("verb", VERBS)
@@ -59,7 +52,7 @@ def test_wait_ready_and_not_ready(clickhouse: Any, tmp_path: Path) -> None:
     ok = run_cli(["wait", "--timeout", "10"], _env(clickhouse, tmp_path))
     assert ok.returncode == 0, ok.stderr
     assert "ready" in ok.stdout
-    down = _env(clickhouse, tmp_path, CLICKHOUSE_PORT=str(_free_port()))
+    down = _env(clickhouse, tmp_path, CLICKHOUSE_PORT=str(free_port()))
     started = time.monotonic()
     result = run_cli(["wait", "--timeout", "1.5"], down)
     assert result.returncode == 1
@@ -99,7 +92,7 @@ def test_wrong_password_exits_3_for_every_subcommand(
 
 
 def test_check_reports_a_down_server_within_seconds(tmp_path: Path) -> None:
-    down = SimpleNamespace(host="127.0.0.1", port=_free_port())
+    down = SimpleNamespace(host="127.0.0.1", port=free_port())
     started = time.monotonic()
     result = run_cli(["check", "--json"], _env(down, tmp_path), timeout=60)
     took = time.monotonic() - started
@@ -135,7 +128,7 @@ def test_check_passes_on_a_healthy_server_with_simulated_faults(
 
 
 def test_check_fails_with_a_reason_on_a_stopped_server(clickhouse: Any, tmp_path: Path) -> None:
-    env = _env(clickhouse, tmp_path, CLICKHOUSE_PORT=str(_free_port()))
+    env = _env(clickhouse, tmp_path, CLICKHOUSE_PORT=str(free_port()))
     result = run_cli(["check", "--timeout", "1"], env)
     assert result.returncode == 1
     assert "FAIL  manager initialisation" in result.stdout
@@ -154,7 +147,7 @@ def test_health_and_metrics(clickhouse: Any, tmp_path: Path) -> None:
     assert prom.returncode == 0
     assert "chresilient_queries_total" in prom.stdout
     down = run_cli(
-        ["health", "--timeout", "1"], _env(clickhouse, tmp_path, CLICKHOUSE_PORT=str(_free_port()))
+        ["health", "--timeout", "1"], _env(clickhouse, tmp_path, CLICKHOUSE_PORT=str(free_port()))
     )
     assert down.returncode == 1
     assert "unhealthy" in down.stdout
@@ -174,7 +167,7 @@ def test_spool_verbs(clickhouse: Any, tmp_path: Path) -> None:
 
 
 def test_serve_answers_http_and_stops_on_sigterm(clickhouse: Any, tmp_path: Path) -> None:
-    port = _free_port()
+    port = free_port()
     proc = subprocess.Popen(
         [sys.executable, "-m", "chresilient", "serve", "--port", str(port)],
         env=_env(clickhouse, tmp_path),

@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -22,19 +21,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from helpers import subprocess_env, wait_until
+from helpers import free_port, subprocess_env, wait_until
 from prometheus_client.parser import text_string_to_metric_families
 
 ROOT = Path(__file__).resolve().parents[2]
 GUNICORN = Path(sys.executable).with_name("gunicorn")
 WORKERS = 3
 REQUEST_TIMEOUT = 20.0  # a request slower than this counts as hung (expected: < 1 s)
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def _request(url: str, body: Any = None) -> tuple[int, bytes]:
@@ -66,7 +59,7 @@ def _worker_states(base: str) -> dict[str, str]:
 @pytest.mark.slow
 def test_gunicorn_preload_workers_through_an_outage(clickhouse_server: Any, tmp_path: Path) -> None:
     server = clickhouse_server
-    port = _free_port()
+    port = free_port()
     base = f"http://127.0.0.1:{port}"
     (tmp_path / "prom").mkdir()
     env = subprocess_env(
@@ -80,10 +73,27 @@ def test_gunicorn_preload_workers_through_an_outage(clickhouse_server: Any, tmp_
     )
     log = (tmp_path / "gunicorn.log").open("wb")
     proc = subprocess.Popen(
-        [str(GUNICORN), "--preload", "-w", str(WORKERS), "--threads", "4",
-         "-b", f"127.0.0.1:{port}", "--chdir", str(ROOT / "examples"),
-         "--graceful-timeout", "5", "--timeout", "60", "flask_app:app"],
-        env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+        [
+            str(GUNICORN),
+            "--preload",
+            "-w",
+            str(WORKERS),
+            "--threads",
+            "4",
+            "-b",
+            f"127.0.0.1:{port}",
+            "--chdir",
+            str(ROOT / "examples"),
+            "--graceful-timeout",
+            "5",
+            "--timeout",
+            "60",
+            "flask_app:app",
+        ],
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        stdin=subprocess.DEVNULL,
         start_new_session=True,
     )
     accepted: list[int] = []
@@ -156,8 +166,10 @@ def test_gunicorn_preload_workers_through_an_outage(clickhouse_server: Any, tmp_
         )
         stored = {row[0] for row in client.execute("SELECT id FROM events")}
         assert stored == set(accepted) and len(accepted) > 100
-        print(f"accepted {len(accepted)} events ({spooled[0]} requests spooled), "
-              f"health answers {health_seen}")
+        print(
+            f"accepted {len(accepted)} events ({spooled[0]} requests spooled), "
+            f"health answers {health_seen}"
+        )
         # Every worker reports healthy again, each from its own connections.
         wait_until(
             lambda: (lambda s: len(s) == WORKERS and set(s.values()) == {"healthy"})(
@@ -169,8 +181,7 @@ def test_gunicorn_preload_workers_through_an_outage(clickhouse_server: Any, tmp_
         # Totals over all workers: whichever worker answers the scrape sums every process
         # that runs a manager (the workers, and the master that built the app: --preload).
         wait_until(
-            lambda: _totals(base)["chresilient_all_processes_rows_inserted_total"]
-            >= len(accepted),
+            lambda: _totals(base)["chresilient_all_processes_rows_inserted_total"] >= len(accepted),
             timeout=30,
             what="the summed inserted rows",
         )

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import threading
 import uuid
 from collections.abc import Iterator
@@ -13,7 +12,7 @@ from socketserver import ThreadingMixIn, UnixStreamServer
 from typing import Any
 
 import pytest
-from helpers import make_config
+from helpers import free_port, make_config
 
 from chresilient import AnalyticsTable, ClickHouseConnectionManager, Config, ConfigError
 from chresilient.health.consistency import normalize_type
@@ -35,13 +34,6 @@ def by_name(report: dict[str, Any]) -> dict[str, dict[str, Any]]:
     return {check["name"]: check for check in report["checks"]}
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-# -- dependency validation --------------------------------------------------------------
 def test_dependencies_pass_against_a_healthy_server(clickhouse: Any) -> None:
     with manager(clickhouse) as mgr:
         report = mgr.validate_service_dependencies()

@@ -16,7 +16,6 @@ import html
 import json
 import logging
 import os
-import socket
 import subprocess
 import sys
 import traceback
@@ -30,7 +29,7 @@ from wsgiref.util import setup_testing_defaults
 import pytest
 import structlog
 from clickhouse_driver import errors as driver_errors
-from helpers import make_config, wait_for_recovery, wait_until
+from helpers import free_port, make_config, wait_for_recovery, wait_until
 
 from chresilient import (
     CircuitBreakerConfig,
@@ -71,12 +70,6 @@ def secret_forms(password: str) -> set[str]:
     for form in (core, quote(core, safe="")):
         forms |= {form[i : i + 6] for i in range(len(form) - 5)}
     return forms
-
-
-def _refusing_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 class Collector:
@@ -186,7 +179,7 @@ def test_the_password_never_appears_in_any_output(
     for name in ("clickhouse_driver", "sqlalchemy.pool", "chresilient"):
         caplog.set_level(logging.DEBUG, logger=name)
     seen = Collector()
-    host, port, refusing = clickhouse_server.host, clickhouse_server.port, _refusing_port()
+    host, port, refusing = clickhouse_server.host, clickhouse_server.port, free_port()
 
     # -- the command line: environment, --url (raw and encoded), every exit path -------------
     def env(target_port: int, pw: str) -> dict[str, str]:

@@ -9,14 +9,13 @@ tests/test_core.py::test_use_after_close_is_a_clear_error.)
 from __future__ import annotations
 
 import gc
-import os
 import threading
 import time
 from pathlib import Path
 from typing import Any
 
 import pytest
-from helpers import make_config, wait_until
+from helpers import in_thread, make_config, open_fds, wait_until
 
 from chresilient import (
     CircuitState,
@@ -29,26 +28,6 @@ from chresilient import (
 from chresilient.errors import ClosedInFlightError
 
 CLOSE_BOUND = 5.0  # close() ends calls at once (1 s for threads); not their 10 s bound
-
-
-def _fds() -> int:
-    return len(os.listdir("/proc/self/fd"))
-
-
-def _in_thread(fn: Any) -> tuple[threading.Thread, dict[str, Any]]:
-    """Run ``fn`` in a daemon thread; the box gets its result or error and when it ended."""
-    box: dict[str, Any] = {}
-
-    def run() -> None:
-        try:
-            box["result"] = fn()
-        except BaseException as exc:
-            box["error"] = exc
-        box["ended"] = time.monotonic()
-
-    thread = threading.Thread(target=run, daemon=True)
-    thread.start()
-    return thread, box
 
 
 def _slow_config(server: Any, spool_dir: Path) -> Any:
@@ -71,9 +50,9 @@ def test_close_interrupts_calls_in_flight_on_a_frozen_server(
     threads = [t for t in threading.enumerate() if t.name.startswith("chresilient-")]
     try:
         clickhouse_server.freeze()
-        reader, read = _in_thread(lambda: mgr.execute("SELECT 1"))
+        reader, read = in_thread(lambda: mgr.execute("SELECT 1"))
         wait_until(lambda: mgr.metrics()["checked_out"] == 1, timeout=15, what="read in flight")
-        writer, write = _in_thread(lambda: mgr.insert("t", [(1,), (2,)]))
+        writer, write = in_thread(lambda: mgr.insert("t", [(1,), (2,)]))
         wait_until(lambda: mgr.metrics()["checked_out"] == 2, timeout=15, what="insert connecting")
         time.sleep(0.2)  # both are now blocked in recv() on the frozen server
         started = time.monotonic()
@@ -115,7 +94,7 @@ def test_close_interrupts_calls_in_flight_on_a_frozen_server(
 def test_close_leaves_no_thread_or_socket_behind(clickhouse: Any, tmp_path: Path) -> None:
     """Everything the manager started is gone after close(), also with a stream held open."""
     gc.collect()
-    fds_before = _fds()
+    fds_before = open_fds()
     non_daemon_before = {t for t in threading.enumerate() if not t.daemon}
     mgr = ClickHouseConnectionManager(make_config(clickhouse, spool_dir=str(tmp_path)))
     mgr.start(wait=True, timeout=10)
@@ -148,7 +127,7 @@ def test_close_leaves_no_thread_or_socket_behind(clickhouse: Any, tmp_path: Path
         assert not thread.is_alive(), f"{thread.name} survived close()"
     assert {t for t in threading.enumerate() if not t.daemon} == non_daemon_before
     gc.collect()
-    assert _fds() <= fds_before, "close() left file descriptors open"
+    assert open_fds() <= fds_before, "close() left file descriptors open"
 
 
 def test_every_entry_point_is_refused_after_close(clickhouse: Any, tmp_path: Path) -> None:

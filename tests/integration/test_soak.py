@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import pytest
-from helpers import make_config
+from helpers import make_config, open_fds
 
 from chresilient import (
     CircuitBreakerConfig,
@@ -200,10 +200,6 @@ class Chaos:
         return f"refused {length:.1f}s"
 
 
-def _fds() -> int:
-    return len(os.listdir("/proc/self/fd"))
-
-
 def _soak_config(proxy: FaultProxy) -> Any:
     return make_config(
         proxy,
@@ -298,7 +294,7 @@ def test_soak_under_chaos_loses_nothing(
     )
     proxy = FaultProxy((server.host, server.port)).start()
     gc.collect()
-    fds_before, threads_before = _fds(), threading.active_count()
+    fds_before, threads_before = open_fds(), threading.active_count()
     mgr = ClickHouseConnectionManager(_soak_config(proxy))
     try:
         mgr.start(wait=True, timeout=10)
@@ -329,9 +325,9 @@ def test_soak_under_chaos_loses_nothing(
     duplicates = sum(present.values()) - len(present)
 
     # Nothing left behind: the manager closed, then the proxy (its threads end within 1 s).
-    _poll(lambda: threading.active_count() <= threads_before and _fds() <= fds_before, 5.0)
+    _poll(lambda: threading.active_count() <= threads_before and open_fds() <= fds_before, 5.0)
     gc.collect()
-    fd_delta = _fds() - fds_before
+    fd_delta = open_fds() - fds_before
     thread_delta = threading.active_count() - threads_before
 
     reads_failed = sum((t.reads_failed for t in tallies), Counter())

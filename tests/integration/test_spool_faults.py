@@ -20,7 +20,7 @@ from typing import Any
 
 import pytest
 from clickhouse_driver import Client
-from helpers import make_config, subprocess_env, wait_until
+from helpers import free_port, make_config, subprocess_env, wait_until
 from test_cli import run_cli
 
 from chresilient import ClickHouseConnectionManager, SpoolFullError
@@ -241,7 +241,7 @@ def test_a_spool_is_replayed_by_a_manager_spelling_its_hosts_differently(
             clickhouse,
             host="localhost",
             port=fault_proxy.port,
-            alt_hosts=(f"127.0.0.1:{_free_port()}",),
+            alt_hosts=(f"127.0.0.1:{free_port()}",),
             spool_dir=spool_dir,
         )
         with ClickHouseConnectionManager(reader_cfg) as reader:
@@ -252,14 +252,6 @@ def test_a_spool_is_replayed_by_a_manager_spelling_its_hosts_differently(
         assert _exactly(client, table) == (ROWS, ROWS)
         (row,) = client.execute(f"SELECT min(id) FROM {table}")
         assert row[0] == 0  # batch 0: the one spooled for this address
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def _load_as_printed(stderr: str, server: Any) -> None:

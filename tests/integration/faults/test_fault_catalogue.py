@@ -16,7 +16,14 @@ import pytest
 import structlog
 from clickhouse_driver import Client
 from clickhouse_driver import errors as driver_errors
-from helpers import make_config, start_local_server, wait_for_recovery, wait_running, wait_until
+from helpers import (
+    in_thread,
+    make_config,
+    start_local_server,
+    wait_for_recovery,
+    wait_running,
+    wait_until,
+)
 
 from chresilient import (
     CircuitBreakerConfig,
@@ -48,28 +55,12 @@ def _patient(server: Any, **changes: Any) -> ClickHouseConnectionManager:
     return ClickHouseConnectionManager(make_config(server, **defaults))
 
 
-def _in_thread(fn: Any) -> tuple[threading.Thread, dict[str, Any]]:
-    box: dict[str, Any] = {}
-
-    def run() -> None:
-        started = time.monotonic()
-        try:
-            box["result"] = fn()
-        except BaseException as exc:
-            box["error"] = exc
-        box["elapsed"] = time.monotonic() - started
-
-    thread = threading.Thread(target=run, daemon=True)
-    thread.start()
-    return thread, box
-
-
 def test_f01_server_not_started_yet_startup_gate_waits(clickhouse_server: Any) -> None:
     clickhouse_server.stop()
     mgr = ClickHouseConnectionManager(make_config(clickhouse_server))
     try:
         with structlog.testing.capture_logs() as logs:
-            thread, box = _in_thread(lambda: mgr.start(wait=True, timeout=30))
+            thread, box = in_thread(lambda: mgr.start(wait=True, timeout=30))
             time.sleep(2.0)
             assert thread.is_alive(), "start() returned before the server was up"
             clickhouse_server.start()  # returns once the server answers SELECT 1
@@ -124,7 +115,7 @@ def test_f03_killed_mid_query_read_is_retried(clickhouse_server: Any) -> None:
     mgr = _patient(clickhouse_server)
     try:
         assert mgr.execute("SELECT 1") == [(1,)]
-        thread, box = _in_thread(lambda: mgr.execute("SELECT sleep(2)"))
+        thread, box = in_thread(lambda: mgr.execute("SELECT sleep(2)"))
         wait_running(clickhouse_server, "SELECT sleep(2)")
         clickhouse_server.kill()
         time.sleep(0.3)
@@ -302,7 +293,7 @@ def test_f05_frozen_mid_query_is_bounded(clickhouse_server: Any) -> None:
     mgr = ClickHouseConnectionManager(cfg)
     try:
         assert mgr.execute("SELECT 1") == [(1,)]
-        thread, box = _in_thread(lambda: mgr.execute("SELECT sleep(2)"))
+        thread, box = in_thread(lambda: mgr.execute("SELECT sleep(2)"))
         wait_running(clickhouse_server, "SELECT sleep(2)")
         clickhouse_server.freeze()
         thread.join(timeout=15)

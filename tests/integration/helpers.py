@@ -339,3 +339,32 @@ def in_thread(fn: Callable[[], Any]) -> tuple[threading.Thread, dict[str, Any]]:
 def open_fds() -> int:
     """File descriptors this process has open."""
     return len(os.listdir("/proc/self/fd"))
+
+
+class ConnectionCounter:
+    """Counts native connections a server accepted, from the server's own records.
+
+    Accepted = (open now - open before) + (closed since): the open count comes from
+    ``system.metrics``, the closed ones from the server log ("Done processing connection").
+    The observer's own connection stays open throughout, so it cancels out.
+    """
+
+    def __init__(self, server: LocalClickHouse) -> None:
+        self.server = server
+        self.observer = server.client(connect_timeout=5, send_receive_timeout=10)
+        self.open_before = tcp_connections(self.observer)
+        self.closed_before = self._closed()
+
+    def _closed(self) -> int:
+        text = self.server.log_path.read_text(encoding="utf-8", errors="replace")
+        return text.count("Done processing connection")
+
+    def accepted(self) -> int:
+        return (
+            tcp_connections(self.observer)
+            - self.open_before
+            + (self._closed() - self.closed_before)
+        )
+
+    def close(self) -> None:
+        self.observer.disconnect()

@@ -13,8 +13,7 @@ from urllib.parse import quote
 import pytest
 import structlog
 from flask import Flask
-from health_support import ConnectionCounter, call, serve
-from helpers import make_config, tcp_connections, wait_until
+from helpers import ConnectionCounter, make_config, tcp_connections, wait_until
 from prometheus_client.parser import text_string_to_metric_families
 
 from chresilient import (
@@ -25,6 +24,8 @@ from chresilient import (
     health_wsgi_app,
 )
 from chresilient.contrib.flask import init_app, manager_for
+from chresilient.testing.http import request as call
+from chresilient.testing.http import serve_wsgi as serve
 
 BASE = "/health/clickhouse"
 TOKEN = "t0ken-for-tests"

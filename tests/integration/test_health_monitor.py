@@ -7,7 +7,6 @@ import time
 from typing import Any
 
 import pytest
-from health_support import call, serve
 from helpers import make_config, tcp_connections, wait_until
 
 from chresilient import (
@@ -20,6 +19,8 @@ from chresilient import (
     RetryConfig,
     health_wsgi_app,
 )
+from chresilient.testing.http import request as call
+from chresilient.testing.http import serve_wsgi as serve
 
 INTERVAL = 0.3
 

@@ -47,6 +47,7 @@ class PooledConnection:
         self.pid = os.getpid()  # a child process must never shut down its parent's socket
         self.created = time.monotonic()
         self.last_used = self.created
+        self.pings = 0  # liveness pings sent (the pool counts them)
         self.pruned = False  # closed by HostPool.prune() while idle; guarded by its lock
         # Optional features of the server this connection talks to (set on connect).
         self.features: Mapping[str, bool] = {}
@@ -79,6 +80,7 @@ class PooledConnection:
             return False  # EOF, reset, or bytes nobody asked for
         if time.monotonic() - self.last_used < ping_after_idle:
             return True
+        self.pings += 1
         self.set_timeout(ping_within())
         try:
             return bool(conn.ping())

@@ -45,6 +45,7 @@ class PoolStats:
     misses: int = 0
     invalidations: int = 0
     pruned: int = 0
+    pings: int = 0  # liveness pings of connections that sat idle (ping_after_idle)
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def bump(self, **deltas: int) -> None:
@@ -62,6 +63,7 @@ class PoolStats:
             "misses": self.misses,
             "invalidations": self.invalidations,
             "pruned": self.pruned,
+            "pings": self.pings,
         }
 
 
@@ -164,7 +166,11 @@ class HostPool:
             # Closed on our side (the driver disconnects after any error): only this one.
             raise sa_exc.DisconnectionError("connection was closed after an error")
         # A ping of an idle connection fits the attempt.
-        if not dbapi_conn.is_alive(self.cfg.pool.ping_after_idle, self._bound):
+        pings = dbapi_conn.pings
+        alive = dbapi_conn.is_alive(self.cfg.pool.ping_after_idle, self._bound)
+        if dbapi_conn.pings != pings:
+            self.stats.bump(pings=1)
+        if not alive:
             # The server closed the socket: most likely it restarted, so every
             # connection made before now is stale. Recycle them all at once.
             raise sa_exc.InvalidatePoolError("stale connection found on checkout")

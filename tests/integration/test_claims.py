@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 import uuid
 from pathlib import Path
 from typing import Any
@@ -103,3 +104,92 @@ def test_spool_replay_limit_and_purging_set_aside_batches(
         purged = mgr.spool.purge(confirm=True, failed_only=True)
         assert (purged.batches, purged.rows) == (1, 1) and mgr.spool.set_aside() == []
     assert client.execute(f"SELECT id FROM {table} ORDER BY id") == [(0,), (1,), (2,)]
+
+
+def test_idle_connections_are_pinged_and_old_ones_recycled(clickhouse: Any) -> None:
+    cfg = make_config(
+        clickhouse,
+        pool=ConnectionPoolConfig(ping_after_idle=1.0, pool_recycle_time=3.0),
+    )
+    with ClickHouseConnectionManager(cfg) as mgr:
+        stats = mgr.hosts[0].pool.stats
+        for _ in range(3):
+            mgr.execute("SELECT 1")
+        assert (stats.connects, stats.pings) == (1, 0)  # recently used: the peek is enough
+        time.sleep(1.5)  # idle past ping_after_idle
+        mgr.execute("SELECT 1")
+        assert (stats.connects, stats.pings) == (1, 1)  # pinged, alive, kept
+        time.sleep(2.0)  # older than pool_recycle_time (3.5 s since it connected)
+        mgr.execute("SELECT 1")
+        assert stats.connects == 2  # replaced by a new connection
+
+
+def test_the_attempt_timeout_bounds_silence_not_query_length(clickhouse: Any) -> None:
+    cfg = make_config(
+        clickhouse, retry=RetryConfig(max_attempts=1, timeout_per_attempt=1.0, total_timeout=20.0)
+    )
+    with ClickHouseConnectionManager(cfg) as mgr:
+        # 2 s in all, a block every 0.2 s: never silent for the 1 s bound (5x margin).
+        rows = mgr.execute("SELECT sleep(0.2) FROM numbers(10) SETTINGS max_block_size = 1")
+        assert len(rows) == 10
+        with pytest.raises(ClickHouseUnavailableError) as info:
+            mgr.execute("SELECT sleep(2)")  # 2 s of silence
+        assert "timed out" in str(info.value).lower() or "timeout" in str(info.value).lower()
+
+
+def test_the_retry_budget_stops_retries_inside_the_manager(
+    clickhouse: Any, fault_proxy: FaultProxy
+) -> None:
+    cfg = make_config(
+        fault_proxy,
+        auth=clickhouse,
+        retry=RetryConfig(
+            max_attempts=5, initial_delay=0.01, max_delay=0.02, budget_ratio=0.0, budget_burst=2
+        ),
+        spool_enabled=False,
+    )
+    with ClickHouseConnectionManager(cfg) as mgr:
+        fault_proxy.refuse()
+        failures = []
+        for _ in range(2):
+            with pytest.raises(ClickHouseUnavailableError) as info:
+                mgr.execute("SELECT 1")
+            failures.append(str(info.value))
+        assert all("budget" in text for text in failures), failures
+        metrics = mgr.metrics()
+        assert metrics["retry_budget_exhausted"] >= 1
+        assert metrics["retry_attempts"] == 2  # the burst, then no retry at all
+
+
+def test_reconnect_answers_504_while_the_server_is_frozen(clickhouse_server: Any) -> None:
+    from chresilient import health_wsgi_app
+    from chresilient.testing.http import request, serve_wsgi
+
+    cfg = make_config(clickhouse_server, retry=RetryConfig(timeout_per_attempt=3.0))
+    with ClickHouseConnectionManager(cfg) as mgr:
+        mgr.execute("SELECT 1")
+        app = health_wsgi_app(mgr, reconnect_token="t0ken", reconnect_timeout=0.5)
+        with serve_wsgi(app) as url:
+            clickhouse_server.freeze()
+            try:
+                reply = request(
+                    url + "/health/clickhouse/reconnect",
+                    "POST",
+                    {"Authorization": "Bearer t0ken"},
+                )
+            finally:
+                clickhouse_server.thaw()
+        assert reply.status == 504 and "still running" in reply.json()["error"]
+
+
+def test_register_collector_exposes_the_manager_in_a_registry(clickhouse: Any) -> None:
+    from prometheus_client import CollectorRegistry, generate_latest
+
+    from chresilient.prometheus import register_collector
+
+    with ClickHouseConnectionManager(make_config(clickhouse)) as mgr:
+        mgr.execute("SELECT 1")
+        registry = CollectorRegistry()
+        register_collector(mgr, registry)
+        text = generate_latest(registry).decode()
+    assert "chresilient_queries_total" in text and "chresilient_spool_usable 1.0" in text

@@ -35,13 +35,6 @@ HOW_TO_GET_A_SERVER = (
     f"{ENV_URL}=clickhouse://user:password@host:9000/default."
 )
 
-FAULTS_NEED_LOCAL = (
-    "This test injects faults (kill/freeze/restart) and needs a private local "
-    "clickhouse-server binary, which an external server from "
-    f"{ENV_URL} or Docker cannot replace. Install it with "
-    "`apt-get install -y clickhouse-server`."
-)
-
 #: What a client may raise when the network or the server goes away under it.
 #: clickhouse-driver wraps connect errors (NetworkError/SocketTimeoutError) but lets
 #: errors on an established socket escape raw (ConnectionResetError, EOFError, ...).
@@ -67,10 +60,6 @@ class ClickHouseEndpoint:
     local: LocalClickHouse | None = None
 
     @property
-    def fault_control(self) -> bool:
-        return self.local is not None
-
-    @property
     def url(self) -> str:
         """clickhouse-driver URL (contains the password, if any: do not log it)."""
         auth = quote(self.user, safe="")
@@ -83,26 +72,6 @@ class ClickHouseEndpoint:
         kwargs.setdefault("password", self.password)
         kwargs.setdefault("database", self.database)
         return Client(self.host, port=self.port, **kwargs)
-
-    def require_fault_control(self) -> LocalClickHouse:
-        """The underlying LocalClickHouse; fails the test (never skips) if there is none."""
-        if self.local is None:
-            pytest.fail(f"{FAULTS_NEED_LOCAL} (session server comes from {self.source})")
-        return self.local
-
-    # Fault methods, for completeness.  The session server is shared: a test that uses
-    # these must leave it running and thawed.  Prefer the `clickhouse_server` fixture.
-    def kill(self) -> None:
-        self.require_fault_control().kill()
-
-    def restart(self) -> None:
-        self.require_fault_control().restart()
-
-    def freeze(self) -> None:
-        self.require_fault_control().freeze()
-
-    def thaw(self) -> None:
-        self.require_fault_control().thaw()
 
 
 def endpoint_from_url(url: str) -> ClickHouseEndpoint:
@@ -187,17 +156,22 @@ def settled_tcp_connections(client: Client, timeout: float = 5.0) -> int:
     return last
 
 
+def poll(predicate: Callable[[], bool], timeout: float, interval: float = 0.05) -> bool:
+    """True once ``predicate`` holds; False after ``timeout`` seconds (no failure here)."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(interval)
+    return True
+
+
 def wait_until(
     predicate: Callable[[], bool], timeout: float = 15.0, interval: float = 0.05, what: str = ""
 ) -> None:
-    """Poll `predicate` until true; fail the test after `timeout` seconds."""
-    deadline = time.monotonic() + timeout
-    while True:
-        if predicate():
-            return
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {timeout}s waiting for {what or predicate!r}")
-        time.sleep(interval)
+    """Poll ``predicate`` until true; fail the test after ``timeout`` seconds."""
+    if not poll(predicate, timeout, interval):
+        pytest.fail(f"timed out after {timeout}s waiting for {what or predicate!r}")
 
 
 def port_refuses(host: str, port: int, timeout: float = 1.0) -> bool:

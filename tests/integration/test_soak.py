@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import pytest
-from helpers import make_config, open_fds
+from helpers import make_config, open_fds, poll
 
 from chresilient import (
     CircuitBreakerConfig,
@@ -222,16 +222,6 @@ def _soak_config(proxy: FaultProxy) -> Any:
     )
 
 
-def _poll(predicate: Callable[[], bool], timeout: float, step: float = 0.1) -> bool:
-    """True once ``predicate`` holds; False after ``timeout`` (no test failure here)."""
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(step)
-    return True
-
-
 @dataclass
 class Run:
     """What the soak saw while it ran, for the summary and the assertions."""
@@ -304,7 +294,7 @@ def test_soak_under_chaos_loses_nothing(
         spool = mgr.spool
         assert spool is not None
         stopped = time.monotonic()
-        drained = _poll(lambda: spool.pending().batches == 0, timeout=60)
+        drained = poll(lambda: spool.pending().batches == 0, timeout=60, interval=0.1)
         drain_seconds = time.monotonic() - stopped
         status, metrics = spool.status(), mgr.metrics()
         closing = time.monotonic()
@@ -325,7 +315,7 @@ def test_soak_under_chaos_loses_nothing(
     duplicates = sum(present.values()) - len(present)
 
     # Nothing left behind: the manager closed, then the proxy (its threads end within 1 s).
-    _poll(lambda: threading.active_count() <= threads_before and open_fds() <= fds_before, 5.0)
+    poll(lambda: threading.active_count() <= threads_before and open_fds() <= fds_before, 5.0)
     gc.collect()
     fd_delta = open_fds() - fds_before
     thread_delta = threading.active_count() - threads_before

@@ -154,11 +154,14 @@ def test_execute_iter_closed_early_discards_connection(
 
 def test_use_after_close_is_a_clear_error(clickhouse: Any) -> None:
     mgr = ClickHouseConnectionManager(make_config(clickhouse))
-    assert mgr.execute("SELECT 1") == [(1,)]
-    mgr.close()
-    mgr.close()  # harmless
-    with pytest.raises(ClientClosedError, match="closed"):
-        mgr.execute("SELECT 1")
+    try:
+        assert mgr.execute("SELECT 1") == [(1,)]
+        mgr.close()
+        mgr.close()  # harmless
+        with pytest.raises(ClientClosedError, match="closed"):
+            mgr.execute("SELECT 1")
+    finally:
+        mgr.close()
 
 
 def test_get_clickhouse_client_from_env(

@@ -457,8 +457,10 @@ def test_close_stops_the_replayer_within_its_budget(clickhouse_server: Any, tmp_
     mgr.execute("CREATE TABLE t (id UInt64) ENGINE = Memory")
     spool = mgr.spool
     assert spool is not None
+    clickhouse_server.kill()  # an outage: three batches spooled
     for b in range(3):
-        spool.store.put("`t`", ["id"], [(b,)], batch_id=f"c{b}")
+        assert mgr.insert("t", [(b,)], ["id"]).spooled
+    clickhouse_server.start()
     clickhouse_server.freeze()  # the replayer's first delivery hangs
     try:
         mgr.start(wait=False)
@@ -469,6 +471,7 @@ def test_close_stops_the_replayer_within_its_budget(clickhouse_server: Any, tmp_
         assert spool.pending().batches == 3  # nothing acknowledged, nothing lost
     finally:
         clickhouse_server.thaw()
+        mgr.close()
 
 
 @pytest.mark.faults

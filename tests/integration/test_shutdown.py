@@ -97,68 +97,74 @@ def test_close_leaves_no_thread_or_socket_behind(clickhouse: Any, tmp_path: Path
     fds_before = open_fds()
     non_daemon_before = {t for t in threading.enumerate() if not t.daemon}
     mgr = ClickHouseConnectionManager(make_config(clickhouse, spool_dir=str(tmp_path)))
-    mgr.start(wait=True, timeout=10)
-    barrier = threading.Barrier(4)
+    try:
+        mgr.start(wait=True, timeout=10)
+        barrier = threading.Barrier(4)
 
-    def use() -> None:
-        barrier.wait(5)
-        for i in range(20):
-            assert mgr.execute("SELECT %(i)s", {"i": i}) == [(i,)]
+        def use() -> None:
+            barrier.wait(5)
+            for i in range(20):
+                assert mgr.execute("SELECT %(i)s", {"i": i}) == [(i,)]
 
-    workers = [threading.Thread(target=use) for _ in range(4)]
-    for w in workers:
-        w.start()
-    for w in workers:
-        w.join(10)
-    assert mgr.health()["status"] == "healthy"
-    rows = mgr.execute_iter("SELECT number FROM system.numbers LIMIT 100000000")
-    assert next(rows) == (0,)
-    mine = [t for t in threading.enumerate() if t.name.startswith("chresilient-")]
-    assert mine, "start() should have started the monitor and the replayer"
-    started = time.monotonic()
-    mgr.close()
-    assert time.monotonic() - started < CLOSE_BOUND
-    # The stream's socket was shut down: it ends (after the rows already buffered).
-    with pytest.raises(ClientClosedError):
-        for _ in range(100_000_000):
-            next(rows)
-    for thread in mine:
-        thread.join(1.0)
-        assert not thread.is_alive(), f"{thread.name} survived close()"
-    assert {t for t in threading.enumerate() if not t.daemon} == non_daemon_before
-    gc.collect()
-    assert open_fds() <= fds_before, "close() left file descriptors open"
+        workers = [threading.Thread(target=use) for _ in range(4)]
+        for w in workers:
+            w.start()
+        for w in workers:
+            w.join(10)
+        assert mgr.health()["status"] == "healthy"
+        rows = mgr.execute_iter("SELECT number FROM system.numbers LIMIT 100000000")
+        assert next(rows) == (0,)
+        mine = [t for t in threading.enumerate() if t.name.startswith("chresilient-")]
+        assert mine, "start() should have started the monitor and the replayer"
+        started = time.monotonic()
+        mgr.close()
+        assert time.monotonic() - started < CLOSE_BOUND
+        # The stream's socket was shut down: it ends (after the rows already buffered).
+        with pytest.raises(ClientClosedError):
+            for _ in range(100_000_000):
+                next(rows)
+        for thread in mine:
+            thread.join(1.0)
+            assert not thread.is_alive(), f"{thread.name} survived close()"
+        assert {t for t in threading.enumerate() if not t.daemon} == non_daemon_before
+        gc.collect()
+        assert open_fds() <= fds_before, "close() left file descriptors open"
+    finally:
+        mgr.close()
 
 
 def test_every_entry_point_is_refused_after_close(clickhouse: Any, tmp_path: Path) -> None:
     """Use after close is a ClientClosedError everywhere, close() itself is always harmless."""
     mgr = ClickHouseConnectionManager(make_config(clickhouse, spool_dir=str(tmp_path)))
-    client = ResilientClient(mgr)
-    assert client.execute("SELECT 1") == [(1,)]
-    closers = [threading.Thread(target=mgr.close) for _ in range(4)]  # concurrent closes
-    for t in closers:
-        t.start()
-    for t in closers:
-        t.join(CLOSE_BOUND)
-        assert not t.is_alive()
-    mgr.close()  # and once more afterwards
-    calls: dict[str, Any] = {
-        "execute": lambda: mgr.execute("SELECT 1"),
-        "execute_iter": lambda: mgr.execute_iter("SELECT 1"),
-        "insert": lambda: mgr.insert("t", [(1,)]),
-        "insert_batches": lambda: mgr.insert_batches("t", [(1,)], batch_size=1),
-        "reconnect": mgr.reconnect,
-        "start": lambda: mgr.start(wait=False),
-        "client.execute": lambda: client.execute("SELECT 1"),
-    }
-    for name, call in calls.items():
-        with pytest.raises(ClientClosedError, match="closed") as info:
-            call()
-        # Not "unavailable": an insert refused this way must not be spooled silently.
-        assert not isinstance(info.value, ClickHouseUnavailableError), name
-    # Nothing was spooled by a refused insert: the caller got the error instead.
-    assert mgr.spool is not None and mgr.spool.pending().batches == 0
-    # Observability still answers, and says why.
-    health = mgr.health()
-    assert health["status"] == "unhealthy" and "closed" in " ".join(health["reasons"])
-    assert mgr.metrics()["connection_state"] == "closed"
+    try:
+        client = ResilientClient(mgr)
+        assert client.execute("SELECT 1") == [(1,)]
+        closers = [threading.Thread(target=mgr.close) for _ in range(4)]  # concurrent closes
+        for t in closers:
+            t.start()
+        for t in closers:
+            t.join(CLOSE_BOUND)
+            assert not t.is_alive()
+        mgr.close()  # and once more afterwards
+        calls: dict[str, Any] = {
+            "execute": lambda: mgr.execute("SELECT 1"),
+            "execute_iter": lambda: mgr.execute_iter("SELECT 1"),
+            "insert": lambda: mgr.insert("t", [(1,)]),
+            "insert_batches": lambda: mgr.insert_batches("t", [(1,)], batch_size=1),
+            "reconnect": mgr.reconnect,
+            "start": lambda: mgr.start(wait=False),
+            "client.execute": lambda: client.execute("SELECT 1"),
+        }
+        for name, call in calls.items():
+            with pytest.raises(ClientClosedError, match="closed") as info:
+                call()
+            # Not "unavailable": an insert refused this way must not be spooled silently.
+            assert not isinstance(info.value, ClickHouseUnavailableError), name
+        # Nothing was spooled by a refused insert: the caller got the error instead.
+        assert mgr.spool is not None and mgr.spool.pending().batches == 0
+        # Observability still answers, and says why.
+        health = mgr.health()
+        assert health["status"] == "unhealthy" and "closed" in " ".join(health["reasons"])
+        assert mgr.metrics()["connection_state"] == "closed"
+    finally:
+        mgr.close()

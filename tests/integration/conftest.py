@@ -23,9 +23,11 @@ from helpers import (
     docker_available,
     endpoint_from_url,
     env_url,
+    make_config,
     start_local_server,
 )
 
+from chresilient import ClickHouseConnectionManager
 from chresilient.testing.faultproxy import FaultProxy
 from chresilient.testing.server import LocalClickHouse
 
@@ -120,6 +122,16 @@ def fault_proxy(clickhouse: ClickHouseEndpoint) -> Iterator[FaultProxy]:
         yield proxy
     finally:
         proxy.close()
+
+
+@pytest.fixture
+def mgr(clickhouse: ClickHouseEndpoint) -> Iterator[ClickHouseConnectionManager]:
+    """A manager on the session server (a spool of its own, fast retries), closed after."""
+    manager = ClickHouseConnectionManager(make_config(clickhouse))
+    try:
+        yield manager
+    finally:
+        manager.close()
 
 
 @pytest.fixture

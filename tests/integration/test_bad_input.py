@@ -1,7 +1,7 @@
 """Bad input: what a caller gets for malformed queries, params and rows.
 
 The wrapper must not disguise the caller's mistakes: a malformed query or bad params give
-exactly the error the bare driver gives for the same input, after one attempt, without
+exactly the error the client driver gives for the same input, after one attempt, without
 touching the breaker; rows that cannot be inserted fail before the spool whenever that can
 be known. Bad env/URL configuration: tests/test_config.py (hypothesis).
 """
@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import datetime as dt
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -59,20 +59,6 @@ HYPOTHESIS = settings(
 )
 
 
-@pytest.fixture(scope="module")
-def mgr(clickhouse: Any) -> Iterator[ClickHouseConnectionManager]:
-    manager = ClickHouseConnectionManager(make_config(clickhouse))
-    yield manager
-    manager.close()
-
-
-@pytest.fixture(scope="module")
-def bare(clickhouse: Any) -> Iterator[Client]:
-    client = clickhouse.client(connect_timeout=5, send_receive_timeout=30)
-    yield client
-    client.disconnect()
-
-
 def outcome(call: Callable[[], Any]) -> tuple[Any, ...]:
     """What a caller observes: the result, or the error's type, code and full message."""
     try:
@@ -84,14 +70,14 @@ def outcome(call: Callable[[], Any]) -> tuple[Any, ...]:
 
 
 # ClickHouse 18.16's parser reads past the end of an unbalanced query: for "(" or
-# "SELECT [1" its message is one of two texts, at random (measured with the bare driver:
-# 150/50 and 178/22 in 200 tries). So the wrapper's outcome must be one the bare driver
+# "SELECT [1" its message is one of two texts, at random (measured with the client driver:
+# 150/50 and 178/22 in 200 tries). So the wrapper's outcome must be one the client driver
 # produces for the same input, not necessarily the one it produced last.
 DRIVER_TRIES = 200
 
 
 def assert_as_from_the_driver(ours: tuple[Any, ...], bare_call: Callable[[], Any]) -> None:
-    """``ours`` is an outcome the bare driver gives for the same call (bounded retries)."""
+    """``ours`` is an outcome the client driver gives for the same call (bounded retries)."""
     seen: list[tuple[Any, ...]] = []
     for _ in range(DRIVER_TRIES):
         theirs = outcome(bare_call)
@@ -99,7 +85,7 @@ def assert_as_from_the_driver(ours: tuple[Any, ...], bare_call: Callable[[], Any
             return
         if theirs not in seen:
             seen.append(theirs)
-    pytest.fail(f"the wrapper gave {ours!r}; the bare driver only ever gave {seen!r}")
+    pytest.fail(f"the wrapper gave {ours!r}; the client driver only ever gave {seen!r}")
 
 
 def _assert_untouched(mgr: ClickHouseConnectionManager) -> None:
@@ -113,10 +99,10 @@ def _assert_untouched(mgr: ClickHouseConnectionManager) -> None:
 @HYPOTHESIS
 @given(st.lists(st.sampled_from(TOKENS), max_size=8).map(" ".join))
 def test_malformed_queries_give_the_servers_error_unchanged(
-    mgr: ClickHouseConnectionManager, bare: Client, query: str
+    mgr: ClickHouseConnectionManager, client: Client, query: str
 ) -> None:
     before = mgr.metrics()
-    assert_as_from_the_driver(outcome(lambda: mgr.execute(query)), lambda: bare.execute(query))
+    assert_as_from_the_driver(outcome(lambda: mgr.execute(query)), lambda: client.execute(query))
     after = mgr.metrics()
     checkouts = after["pool_hits"] + after["pool_misses"]
     assert checkouts - (before["pool_hits"] + before["pool_misses"]) == 1  # one attempt
@@ -129,23 +115,23 @@ def test_malformed_queries_give_the_servers_error_unchanged(
     st.dictionaries(st.sampled_from(("a", "b", "x")), VALUES, max_size=3),
 )
 def test_malformed_params_give_the_drivers_error_unchanged(
-    mgr: ClickHouseConnectionManager, bare: Client, query: str, params: dict[str, Any]
+    mgr: ClickHouseConnectionManager, client: Client, query: str, params: dict[str, Any]
 ) -> None:
     """Missing keys, unencodable text, values the server cannot parse: same as the driver."""
     ours = outcome(lambda: mgr.execute(query, params))
-    assert_as_from_the_driver(ours, lambda: bare.execute(query, params))
+    assert_as_from_the_driver(ours, lambda: client.execute(query, params))
     _assert_untouched(mgr)
 
 
 def test_server_errors_are_the_drivers_own_exception(
-    mgr: ClickHouseConnectionManager, bare: Client
+    mgr: ClickHouseConnectionManager, client: Client
 ) -> None:
     """Not a subclass or a wrapper: ``except ServerException`` code keeps matching exactly."""
     for query in ("SELEC 1", "", "SELECT * FROM no_such_table_q", "SELECT unknown_fn(1)"):
         with pytest.raises(driver_errors.ServerException) as ours:
             mgr.execute(query)
         with pytest.raises(driver_errors.ServerException) as theirs:
-            bare.execute(query)
+            client.execute(query)
         assert type(ours.value) is type(theirs.value) is driver_errors.ServerException
         assert (ours.value.code, ours.value.message) == (theirs.value.code, theirs.value.message)
     _assert_untouched(mgr)
@@ -172,34 +158,34 @@ def _spool_is_empty(mgr: ClickHouseConnectionManager) -> None:
 
 
 def test_bad_rows_fail_before_the_spool_while_clickhouse_is_up(
-    clickhouse: Any, bare: Client, tmp_path: Path
+    clickhouse: Any, client: Client, tmp_path: Path
 ) -> None:
     """Wrong types or a width that does not match the table: the driver's own error, as the
-    bare driver raises it, and nothing spooled, sent or counted against the server.
+    client driver raises it, and nothing spooled, sent or counted against the server.
 
     The driver learns the column types from the server (the INSERT's sample block) and
     serializes client side, so its error comes before any row leaves the process.
     """
     mgr = ClickHouseConnectionManager(make_config(clickhouse, spool_dir=str(tmp_path)))
     table = f"bad_rows_{uuid.uuid4().hex[:8]}"
-    bare.execute(f"CREATE TABLE {table} (id UInt32, s String) ENGINE = MergeTree ORDER BY id")
+    client.execute(f"CREATE TABLE {table} (id UInt32, s String) ENGINE = MergeTree ORDER BY id")
     try:
         for case, rows in BAD_ROWS.items():
             ours = outcome(lambda rows=rows: mgr.insert(table, rows))
             assert ours[0] == "client error", (case, ours)
             assert ours == outcome(
-                lambda rows=rows: bare.execute(f"INSERT INTO {table} VALUES", rows)
+                lambda rows=rows: client.execute(f"INSERT INTO {table} VALUES", rows)
             ), case
         # A width that contradicts the given column names is caught before any connection
         # (tests/test_spool.py::test_bad_rows_fail_before_anything_is_sent_or_spooled).
         with pytest.raises(InvalidBatchError):
             mgr.insert(table, [(1, "a", 3)], ["id", "s"])
-        assert bare.execute(f"SELECT count() FROM {table}") == [(0,)]
+        assert client.execute(f"SELECT count() FROM {table}") == [(0,)]
         _spool_is_empty(mgr)
         _assert_untouched(mgr)
         assert mgr.insert(table, [(1, "a")]).delivered  # and the manager is fine
     finally:
-        bare.execute(f"DROP TABLE {table}")
+        client.execute(f"DROP TABLE {table}")
         mgr.close()
 
 

@@ -21,14 +21,6 @@ from chresilient import (
     ConnectionPoolConfig,
 )
 
-
-@pytest.fixture
-def manager(clickhouse: Any):
-    mgr = ClickHouseConnectionManager(make_config(clickhouse))
-    yield mgr
-    mgr.close()
-
-
 MIXED_DDL = """
 CREATE TABLE {name} (
     id UInt32, i8 Int8, u64 UInt64, f Float64, d Decimal(12, 3), s String, fs FixedString(4),
@@ -63,12 +55,12 @@ def _mixed_rows() -> list[tuple[Any, ...]]:
 
 
 def test_results_equal_bare_driver(
-    clickhouse: Any, manager: ClickHouseConnectionManager, client: Client
+    clickhouse: Any, mgr: ClickHouseConnectionManager, client: Client
 ) -> None:
     table = f"mixed_{uuid.uuid4().hex[:8]}"
-    manager.execute(MIXED_DDL.format(name=table))
+    mgr.execute(MIXED_DDL.format(name=table))
     try:
-        inserted = manager.execute(f"INSERT INTO {table} VALUES", _mixed_rows())
+        inserted = mgr.execute(f"INSERT INTO {table} VALUES", _mixed_rows())
         assert inserted == 50
         query = f"SELECT * FROM {table} WHERE id >= %(low)s ORDER BY id"
         params = {"low": 3}
@@ -78,14 +70,14 @@ def test_results_equal_bare_driver(
             {"columnar": True},
             {"columnar": True, "with_column_types": True},
         ):
-            ours = manager.execute(query, params, **kwargs)
+            ours = mgr.execute(query, params, **kwargs)
             bare = client.execute(query, params, **kwargs)
             assert ours == bare, kwargs
-        assert list(manager.execute_iter(query, params)) == client.execute(query, params)
-        drop_in = chresilient.ResilientClient(manager)
+        assert list(mgr.execute_iter(query, params)) == client.execute(query, params)
+        drop_in = chresilient.ResilientClient(mgr)
         assert drop_in.execute(query, params, True) == client.execute(query, params, True)
     finally:
-        manager.execute(f"DROP TABLE {table}")
+        mgr.execute(f"DROP TABLE {table}")
 
 
 def test_pool_reuses_connections_under_load(clickhouse: Any) -> None:
@@ -138,18 +130,18 @@ def test_pool_reuses_connections_under_load(clickhouse: Any) -> None:
 
 
 def test_execute_iter_closed_early_discards_connection(
-    manager: ClickHouseConnectionManager,
+    mgr: ClickHouseConnectionManager,
 ) -> None:
-    assert list(manager.execute_iter("SELECT number FROM system.numbers LIMIT 10")) == [
+    assert list(mgr.execute_iter("SELECT number FROM system.numbers LIMIT 10")) == [
         (i,) for i in range(10)
     ]
-    before = manager.metrics()["pool_invalidations"]
-    rows = manager.execute_iter("SELECT number FROM system.numbers LIMIT 1000000")
+    before = mgr.metrics()["pool_invalidations"]
+    rows = mgr.execute_iter("SELECT number FROM system.numbers LIMIT 1000000")
     assert next(rows) == (0,)
     rows.close()  # type: ignore[attr-defined]
-    assert manager.metrics()["pool_invalidations"] == before + 1
-    assert manager.metrics()["checked_out"] == 0
-    assert manager.execute("SELECT 3") == [(3,)]
+    assert mgr.metrics()["pool_invalidations"] == before + 1
+    assert mgr.metrics()["checked_out"] == 0
+    assert mgr.execute("SELECT 3") == [(3,)]
 
 
 def test_use_after_close_is_a_clear_error(clickhouse: Any) -> None:

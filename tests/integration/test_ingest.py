@@ -47,15 +47,6 @@ def _table(prefix: str) -> str:
     return f"{prefix}_{uuid.uuid4().hex[:8]}"
 
 
-@pytest.fixture
-def mgr(clickhouse: Any, tmp_path: Path) -> Iterator[ClickHouseConnectionManager]:
-    manager = ClickHouseConnectionManager(
-        make_config(clickhouse, spool_dir=str(tmp_path / "spool"))
-    )
-    yield manager
-    manager.close()
-
-
 def test_insert_delivers_with_quoted_names_and_dict_rows(
     mgr: ClickHouseConnectionManager,
 ) -> None:

@@ -28,7 +28,7 @@ from typing import Any
 import pytest
 import structlog
 from clickhouse_driver import errors as driver_errors
-from helpers import make_config, wait_until
+from helpers import make_config, wait_for_recovery, wait_until
 
 from chresilient import (
     CircuitBreakerConfig,
@@ -169,9 +169,11 @@ def _round_trip_rows() -> list[tuple[Any, ...]]:
 
 
 def test_round_trip_through_spool_and_clickhouse_is_exact(
-    mgr: ClickHouseConnectionManager,
+    clickhouse: Any, fault_proxy: Any, tmp_path: Path
 ) -> None:
     direct, spooled = _table("direct"), _table("spooled")
+    cfg = make_config(fault_proxy, auth=clickhouse, spool_dir=str(tmp_path / "spool"))
+    mgr = ClickHouseConnectionManager(cfg)
     for name in (direct, spooled):
         mgr.execute(ROUND_TRIP_DDL.format(name=name))
     spool = mgr.spool
@@ -183,10 +185,12 @@ def test_round_trip_through_spool_and_clickhouse_is_exact(
     ]  # fmt: skip
     try:
         mgr.execute(f"INSERT INTO {direct} VALUES", rows)
+        fault_proxy.refuse()  # an outage: the same rows go through the spool
+        fault_proxy.reset_active()
         for start in range(0, len(rows), 10):
-            spool.store.put(
-                f"`{spooled}`", columns, rows[start : start + 10], batch_id=f"rt{start}"
-            )
+            assert mgr.insert(spooled, rows[start : start + 10], columns).spooled
+        fault_proxy.pass_through()
+        wait_for_recovery(mgr)
         assert spool.replay().batches == 4
         read = {"strings_as_bytes": True}  # compare raw bytes, not a decoding of them
         want = mgr.execute(f"SELECT * FROM {direct} ORDER BY id", settings=read)
@@ -202,8 +206,10 @@ def test_round_trip_through_spool_and_clickhouse_is_exact(
         raw = mgr.execute(f"SELECT raw FROM {spooled} ORDER BY id", settings=read)
         assert [r[0] for r in raw] == [r[9] for r in rows]
     finally:
+        fault_proxy.pass_through()
         for name in (direct, spooled):
             mgr.execute(f"DROP TABLE {name}")
+        mgr.close()
 
 
 def _rss_bytes() -> int:
@@ -389,10 +395,11 @@ def test_replaying_process_killed_mid_replay_loses_nothing(
     assert spool is not None
     mgr.execute("CREATE TABLE t (id UInt64) ENGINE = MergeTree ORDER BY id")
     batches, per_batch = 150, 20
+    clickhouse_server.kill()  # an outage: every batch goes to the spool
     for b in range(batches):
-        spool.store.put(
-            "`t`", ["id"], [(b * per_batch + i,) for i in range(per_batch)], batch_id=f"k{b}"
-        )
+        rows = [(b * per_batch + i,) for i in range(per_batch)]
+        assert mgr.insert("t", rows, ["id"]).spooled
+    clickhouse_server.start()
     env = dict(os.environ, PYTHONPATH=ROOT)
     child = subprocess.Popen(
         [sys.executable, "-c", REPLAYER, str(clickhouse_server.port), str(tmp_path)],

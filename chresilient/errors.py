@@ -201,8 +201,10 @@ TRANSIENT_CODES = frozenset(
         203,  # NO_FREE_CONNECTION
         209,  # SOCKET_TIMEOUT (raised by a server towards a remote shard)
         210,  # NETWORK_ERROR (raised by a server towards a remote shard)
+        225,  # NO_ZOOKEEPER (replicated tables while ZooKeeper is away)
         241,  # MEMORY_LIMIT_EXCEEDED
         242,  # TABLE_IS_READ_ONLY
+        244,  # UNEXPECTED_ZOOKEEPER_ERROR
         252,  # TOO_MANY_PARTS
         279,  # ALL_CONNECTION_TRIES_FAILED
         285,  # TOO_FEW_LIVE_REPLICAS
@@ -257,7 +259,7 @@ def classify(exc: BaseException) -> ErrorKind:
 
 
 # Transient codes the server raises before it writes anything: a write may be repeated.
-REFUSED_BEFORE_WRITE_CODES = frozenset({202, 203, 242, 252, 285})
+REFUSED_BEFORE_WRITE_CODES = frozenset({202, 203, 225, 242, 252, 285})
 
 
 UNAVAILABLE_KINDS = frozenset({ErrorKind.TRANSPORT, ErrorKind.TRANSIENT})

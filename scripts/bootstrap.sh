@@ -25,6 +25,10 @@ fi
 if ! command -v clickhouse-client >/dev/null 2>&1; then
   apt_install clickhouse-client
 fi
+# ZooKeeper (and its Java) for the replicated-cluster tests (chresilient.testing.cluster).
+if [ ! -f /usr/share/java/zookeeper.jar ]; then
+  apt_install zookeeper
+fi
 
 # To validate docker/docker-compose.yml in the tests (no Docker engine is needed for that).
 if ! command -v docker-compose >/dev/null 2>&1 && ! docker compose version >/dev/null 2>&1; then

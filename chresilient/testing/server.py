@@ -80,7 +80,7 @@ def _resolve_binary(binary: str | os.PathLike[str] | None) -> str:
     raise LocalClickHouseError("clickhouse-server binary not found. " + _HOW_TO_GET_ONE)
 
 
-def _free_ports(count: int) -> list[int]:
+def free_ports(count: int) -> list[int]:
     """Distinct free loopback ports (all bound at once so they cannot coincide)."""
     socks: list[socket.socket] = []
     try:
@@ -105,7 +105,7 @@ def _tail(path: Path, max_bytes: int = 4000) -> str:
         return ""
 
 
-def _pdeathsig_preexec() -> Callable[[], None] | None:
+def pdeathsig_preexec() -> Callable[[], None] | None:
     """A preexec_fn asking Linux to SIGKILL the child when its parent thread dies.
 
     PR_SET_PDEATHSIG fires when the *thread* that forked exits, so it is only armed for
@@ -150,6 +150,7 @@ class LocalClickHouse:
         password: str = DEFAULT_TESTER_PASSWORD,
         max_concurrent_queries: int = 100,
         startup_timeout: float = 30.0,
+        extra_config: str | Callable[[], str] = "",
     ) -> None:
         self._binary = _resolve_binary(binary)
         self._own_dir = data_dir is None
@@ -160,8 +161,11 @@ class LocalClickHouse:
         )
         self._password = password
         self._max_concurrent_queries = int(max_concurrent_queries)
+        # More server config (XML inside <yandex>), read at every start: a replicated
+        # cluster's ZooKeeper, macros and peers (testing/cluster.py).
+        self._extra_config = extra_config
         self.startup_timeout = float(startup_timeout)
-        self._port, self._http_port = _free_ports(2)
+        self._port, self._http_port = free_ports(2)
         self._proc: subprocess.Popen[bytes] | None = None
         self._frozen = False
         self._started_once = False
@@ -266,6 +270,7 @@ class LocalClickHouse:
         b = self._base
         for sub in ("data", "tmp", "user_files", "format_schemas", "log"):
             (b / sub).mkdir(parents=True, exist_ok=True)
+        extra = self._extra_config() if callable(self._extra_config) else self._extra_config
         config = f"""<?xml version="1.0"?>
 <yandex>
   <logger>
@@ -290,6 +295,7 @@ class LocalClickHouse:
   <max_concurrent_queries>{self._max_concurrent_queries}</max_concurrent_queries>
   <mark_cache_size>67108864</mark_cache_size>
   <uncompressed_cache_size>67108864</uncompressed_cache_size>
+{extra}
 </yandex>
 """
         networks = "<networks><ip>::1</ip><ip>127.0.0.1</ip></networks>"
@@ -338,7 +344,7 @@ class LocalClickHouse:
                     break
                 except LocalClickHouseError as exc:
                     if attempt + 1 < attempts and "Address already in use" in str(exc):
-                        self._port, self._http_port = _free_ports(2)
+                        self._port, self._http_port = free_ports(2)
                         continue
                     raise
             self._started_once = True
@@ -355,7 +361,7 @@ class LocalClickHouse:
                 stdout=out,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,  # our process group's signals don't reach it
-                preexec_fn=_pdeathsig_preexec(),
+                preexec_fn=pdeathsig_preexec(),
                 close_fds=True,
             )
         self._frozen = False

@@ -28,6 +28,7 @@ from helpers import (
 )
 
 from chresilient import ClickHouseConnectionManager
+from chresilient.testing.cluster import LocalCluster
 from chresilient.testing.faultproxy import FaultProxy
 from chresilient.testing.server import LocalClickHouse
 
@@ -90,6 +91,21 @@ def clickhouse(request: pytest.FixtureRequest) -> Iterator[ClickHouseEndpoint]:
         )
     finally:
         server.cleanup()
+
+
+@pytest.fixture
+def replicated() -> Iterator[LocalCluster]:
+    """ZooKeeper and two clickhouse-server replicas of one shard, private to the test."""
+    cluster = LocalCluster(replicas=2)
+    try:
+        cluster.start()
+        yield cluster
+    finally:
+        for replica in cluster.replicas:
+            if replica.frozen:
+                replica.thaw()
+        cluster.zookeeper.thaw()
+        cluster.cleanup()
 
 
 @pytest.fixture

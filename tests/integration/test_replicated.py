@@ -1,0 +1,153 @@
+"""A real replicated cluster: ZooKeeper and two 18.16 replicas of ReplicatedMergeTree.
+
+18.16 has no insert_deduplication_token, but a replicated table drops a block whose
+checksum matches a recent one: a batch retried or replayed whole, rows in the same order,
+lands once. These tests count rows on the server, never trust the client.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+from helpers import make_config, wait_until
+
+from chresilient import ClickHouseConnectionManager, Config, ConnectionPoolConfig, RetryConfig
+from chresilient.prometheus import exposition
+from chresilient.testing.cluster import LocalCluster
+from chresilient.testing.server import LocalClickHouse
+
+COLUMNS = "id UInt64, s String"
+
+
+def _config(cluster: LocalCluster, **changes: Any) -> Config:
+    first, *rest = cluster.replicas
+    changes.setdefault(
+        "retry",
+        RetryConfig(initial_delay=0.02, max_delay=0.2, timeout_per_attempt=3.0, total_timeout=15),
+    )
+    return make_config(
+        first, alt_hosts=tuple((r.host, r.port) for r in rest), spool_replay_interval=0.2, **changes
+    )
+
+
+def _synced_counts(cluster: LocalCluster, table: str) -> list[tuple[int, int]]:
+    """``(count, uniqExact(id))`` on every replica, once each caught up."""
+    out = []
+    for replica in cluster.replicas:
+        replica.query(f"SYSTEM SYNC REPLICA {table}", timeout=60)
+        ((count, unique),) = replica.query(f"SELECT count(), uniqExact(id) FROM {table}")
+        out.append((int(count), int(unique)))
+    return out
+
+
+def test_inserts_through_a_kill_of_the_written_replica_land_exactly_once(
+    replicated: LocalCluster,
+) -> None:
+    replicated.create_replicated("events", COLUMNS, order_by="id")
+    first = replicated.replicas[0]
+    accepted: list[int] = []
+    lock = threading.Lock()
+    stop = threading.Event()
+
+    def insert(mgr: ClickHouseConnectionManager, worker: int) -> None:
+        for n in range(400):
+            if stop.is_set():
+                return
+            ids = [worker * 1_000_000 + n * 100 + i for i in range(100)]
+            result = mgr.insert("events", [(i, "x") for i in ids], ["id", "s"])
+            assert result.delivered or result.spooled
+            with lock:
+                accepted.extend(ids)
+
+    with ClickHouseConnectionManager(_config(replicated)) as mgr:
+        mgr.start(wait=True, timeout=30)
+        threads = [threading.Thread(target=insert, args=(mgr, w)) for w in range(4)]
+        for thread in threads:
+            thread.start()
+        wait_until(lambda: len(accepted) >= 20_000, 60, what="inserts before the kill")
+        first.kill()  # the replica written to (in_order), mid-insert
+        wait_until(lambda: len(accepted) >= 60_000, 60, what="inserts after the kill")
+        first.start()
+        stop.set()
+        for thread in threads:
+            thread.join(60)
+        assert mgr.spool is not None
+        spool = mgr.spool
+        wait_until(lambda: spool.pending().batches == 0, 90, what="the spool to drain")
+        assert spool.set_aside() == []
+    expected = len(set(accepted))
+    assert _synced_counts(replicated, "events") == [(expected, expected)] * 2
+
+
+def test_zookeeper_down_spools_inserts_and_delivers_them_once_it_is_back(
+    replicated: LocalCluster,
+) -> None:
+    replicated.create_replicated("events", COLUMNS, order_by="id")
+    with ClickHouseConnectionManager(_config(replicated)) as mgr:
+        mgr.start(wait=True, timeout=30)
+        assert mgr.insert("events", [(0, "before")], ["id", "s"]).delivered
+        replicated.zookeeper.kill()
+        # The tables go read-only (242) or have no ZooKeeper (225): ClickHouse cannot
+        # take the rows now, so they are spooled, not raised to the caller.
+        results = [mgr.insert("events", [(n, "during")], ["id", "s"]) for n in range(1, 21)]
+        assert all(r.spooled for r in results), [r.error for r in results]
+        assert mgr.execute("SELECT 1") == [(1,)]  # reads still work
+        replicated.zookeeper.start()
+        assert mgr.spool is not None
+        spool = mgr.spool
+        wait_until(lambda: spool.pending().batches == 0, 90, what="the spool to drain")
+        assert spool.set_aside() == []
+    assert _synced_counts(replicated, "events") == [(21, 21)] * 2
+
+
+def test_a_replica_that_really_lags_is_avoided_until_it_catches_up(
+    replicated: LocalCluster,
+) -> None:
+    """Real lag: SYSTEM STOP FETCHES on a replica while the other takes an insert; its
+    system.replicas absolute_delay then grows second by second."""
+    replicated.create_replicated("events", COLUMNS, order_by="id")
+    first, second = replicated.replicas
+    cfg = _config(
+        replicated,
+        load_balancing="round_robin",
+        max_replica_delay=2.0,
+        pool=ConnectionPoolConfig(health_check_interval=0.3),
+    )
+    with ClickHouseConnectionManager(cfg) as mgr:
+        mgr.start(wait=True, timeout=30)
+        one, two = (next(h for h in mgr.hosts if h.label == _label(r)) for r in (first, second))
+
+        def split(calls: int = 200) -> dict[str, int]:
+            before = {h.label: h.queries_total for h in mgr.hosts}
+            for _ in range(calls):
+                mgr.execute("SELECT 1")
+            return {h.label: h.queries_total - before[h.label] for h in mgr.hosts}
+
+        second.query("SYSTEM STOP FETCHES events")
+        first.client().execute("INSERT INTO events VALUES", [(1, "x")])
+        wait_until(lambda: two.lagging, 30, what="the replica's real delay over 2 s")
+        assert split() == {one.label: 200, two.label: 0}  # every read to the one in time
+        health = mgr.health()
+        assert health["status"] == "degraded"
+        assert any(two.label in r and "replica delay" in r for r in health["reasons"])
+        body, _ = exposition(mgr)
+        assert f'chresilient_replica_lagging{{host="{two.label}"}} 1.0'.encode() in body
+        # Both lag: both serve again (stale data beats no data).
+        first.query("SYSTEM STOP FETCHES events")
+        second.client().execute("INSERT INTO events VALUES", [(2, "y")])
+        wait_until(lambda: one.lagging and two.lagging, 30, what="both replicas lagging")
+        assert min(split().values()) >= 50
+        # The second catches up while the first still lags: it takes every read.
+        second.query("SYSTEM START FETCHES events")
+        wait_until(lambda: not two.lagging, 30, what="the second to catch up")
+        assert split() == {one.label: 0, two.label: 200}
+        first.query("SYSTEM START FETCHES events")
+        wait_until(lambda: not one.lagging, 30, what="the first to catch up")
+        assert min(split().values()) >= 50
+        assert mgr.health()["status"] == "healthy"
+    assert _synced_counts(replicated, "events") == [(2, 2)] * 2
+
+
+def _label(server: LocalClickHouse) -> str:
+    return f"{server.host}:{server.port}"

@@ -22,7 +22,7 @@ import structlog
 
 from . import fork
 from .config import CircuitBreakerConfig
-from .errors import CircuitOpenError, classify, counts_for_breaker, describe
+from .errors import CircuitOpenError, describe, trips_breaker
 
 log = structlog.get_logger("chresilient.breaker")
 F = TypeVar("F", bound=Callable[..., Any])
@@ -114,7 +114,7 @@ class CircuitBreaker:
         """End ``permit`` by classifying ``exc`` (None means success)."""
         if exc is None:
             permit.success()
-        elif counts_for_breaker(classify(exc)):
+        elif trips_breaker(exc):
             permit.failure(exc)
         else:
             permit.neutral()

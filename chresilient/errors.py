@@ -77,6 +77,11 @@ class CircuitOpenError(ClickHouseUnavailableError):
         )
 
 
+class ConnectFailedError(ClickHouseUnavailableError):
+    """No connection to a host could be made: nothing of the call reached the server, so
+    even a write may be sent again (to another replica, or to the same one later)."""
+
+
 class PoolTimeoutError(ClickHouseUnavailableError):
     """No pooled connection became free within the checkout timeout."""
 
@@ -213,6 +218,9 @@ TRANSIENT_CODES = frozenset(
         999,  # KEEPER_EXCEPTION
     }
 )
+# Transient codes about the server's state (busy, read-only without ZooKeeper, too many
+# parts), never about the rows sent: a spooled batch failing with them is not poison.
+SERVER_STATE_CODES = frozenset({202, 203, 225, 242, 244, 252, 285, 319, 999})
 # Codes after which the next attempt should wait longer than the usual backoff step.
 SLOW_DOWN_CODES = frozenset({252, 241})
 AUTH_CODES = frozenset(
@@ -268,6 +276,18 @@ UNAVAILABLE_KINDS = frozenset({ErrorKind.TRANSPORT, ErrorKind.TRANSIENT})
 def counts_for_breaker(kind: ErrorKind) -> bool:
     """Only failures that say something about the server's health trip the breaker."""
     return kind in UNAVAILABLE_KINDS
+
+
+# Replicated tables refusing writes while ZooKeeper is away (NO_ZOOKEEPER,
+# TABLE_IS_READ_ONLY, UNEXPECTED_ZOOKEEPER_ERROR, KEEPER_EXCEPTION): retried and spooled
+# like any transient error, but the server itself is fine and keeps serving reads.
+COORDINATION_CODES = frozenset({225, 242, 244, 999})
+
+
+def trips_breaker(exc: BaseException) -> bool:
+    """Whether ``exc`` counts against its host: a failure about the server's health, not
+    a refusal of one kind of call (writes without ZooKeeper)."""
+    return counts_for_breaker(classify(exc)) and server_code(exc) not in COORDINATION_CODES
 
 
 def server_code(exc: BaseException) -> int | None:

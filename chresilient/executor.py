@@ -28,6 +28,7 @@ from .errors import (
     classify,
     counts_for_breaker,
     describe,
+    trips_breaker,
 )
 from .events import Event, Events
 from .hosts import HostSelector, HostState
@@ -242,10 +243,9 @@ class Executor:
                 permit.neutral()
                 raise
             host.breaker.record(permit, exc)
-            kind = classify(exc)
-            if counts_for_breaker(kind):
+            if trips_breaker(exc):
                 self._failed(host, exc)
-            elif kind is not ErrorKind.LOCAL:
+            elif classify(exc) is not ErrorKind.LOCAL:
                 self.status.succeeded()  # the server answered
             raise
         host.count(failed=False)

@@ -20,6 +20,7 @@ from typing import Any, Callable
 import structlog
 from clickhouse_driver import errors as driver_errors
 
+from .delivery import DeliveryGuarantees
 from .errors import (
     ChResilientError,
     ClickHouseUnavailableError,
@@ -53,6 +54,9 @@ class InsertResult:
     """The outcome of ``insert``: delivered to ClickHouse now, or spooled for later.
 
     ``error`` says why a spooled batch was not delivered (never any row contents).
+    ``delivery``: what the table can promise (``exactly_once`` for a replicated table,
+    ``at_least_once``, ...; ``unknown`` until an insert into it succeeded, see
+    :mod:`chresilient.delivery`).
     """
 
     rows: int
@@ -60,6 +64,7 @@ class InsertResult:
     spooled: bool
     batch_id: str
     error: str | None = None
+    delivery: str = "unknown"
 
 
 @dataclass
@@ -172,10 +177,12 @@ class Inserter:
         metrics: Metrics,
         spool: Spool | None,
         lost: Callable[[str, BaseException], bool] = lambda table, error: False,
+        guarantees: DeliveryGuarantees | None = None,
     ) -> None:
         self._execute = execute
         self._metrics = metrics
         self.spool = spool
+        self.guarantees = guarantees
         self._lost = lost  # the error says the table is gone and will come back (schema)
         self._warned_not_running = False
 
@@ -205,7 +212,10 @@ class Inserter:
             return self._to_spool(table_sql, names, batch, settings, batch_id, err)
         if self.spool is not None:
             self.spool.replayer.nudge()
-        return InsertResult(rows=len(batch), delivered=True, spooled=False, batch_id=batch_id)
+        delivery = "unknown" if self.guarantees is None else self.guarantees.learn(table_sql)
+        return InsertResult(
+            rows=len(batch), delivered=True, spooled=False, batch_id=batch_id, delivery=delivery
+        )
 
     def _to_spool(
         self,
@@ -271,7 +281,12 @@ class Inserter:
             error=reason,
         )
         return InsertResult(
-            rows=len(batch), delivered=False, spooled=True, batch_id=batch_id, error=reason
+            rows=len(batch),
+            delivered=False,
+            spooled=True,
+            batch_id=batch_id,
+            error=reason,
+            delivery="unknown" if self.guarantees is None else self.guarantees.known(table_sql),
         )
 
     def insert_batches(

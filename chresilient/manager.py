@@ -16,6 +16,7 @@ import structlog
 
 from . import fork
 from .config import Config
+from .delivery import DeliveryGuarantees
 from .errors import ClickHouseUnavailableError, ClientClosedError, StartupTimeoutError
 from .events import Event, Events
 from .executor import Executor
@@ -94,8 +95,11 @@ class ClickHouseConnectionManager:
         if self.spool is not None:
             self.services.append(self.spool.replayer)
             keeper.then = self.spool.wake  # replay once the schema is back
-        self._inserter = Inserter(self.execute, self.metrics_registry, self.spool, keeper.lost)
-        self.reports = Reports(cfg, self.executor, self.monitor, self.spool)
+        dedup = lambda: self.supports(DEDUP_SETTING)  # noqa: E731
+        promise = DeliveryGuarantees(self.execute, cfg.database, dedup)
+        metrics = self.metrics_registry
+        self._inserter = Inserter(self.execute, metrics, self.spool, keeper.lost, promise)
+        self.reports = Reports(cfg, self.executor, self.monitor, self.spool, promise.report)
         if multiprocess_dir() is not None:  # gunicorn: totals over all workers, each round
             self.events.listen(Event.PROBED, lambda **_: process_totals().publish(self.metrics()))
         fork.register(self)

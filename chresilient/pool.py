@@ -27,7 +27,15 @@ from sqlalchemy.pool import ConnectionPoolEntry, PoolProxiedConnection, QueuePoo
 from .config import Config
 from .config_values import HostPort, format_host
 from .connection import PooledConnection, make_client
-from .errors import ClientClosedError, ClosedInFlightError, PoolTimeoutError
+from .errors import (
+    UNAVAILABLE_KINDS,
+    ChResilientError,
+    ClientClosedError,
+    ClosedInFlightError,
+    ConnectFailedError,
+    PoolTimeoutError,
+    classify,
+)
 from .retry import Deadline
 from .server import ServerInfo, detect_features
 
@@ -215,9 +223,16 @@ class HostPool:
                 f"max_connections={self.cfg.pool.max_connections})"
             ) from err
         except sa_exc.InvalidRequestError as err:  # reconnect attempts exhausted on checkout
-            raise ConnectionError(f"could not get a live connection to {self.label}") from err
+            raise ConnectFailedError(
+                f"could not get a live connection to {self.label}", last_error=err
+            ) from err
         except Exception as err:  # e.g. a connect that close() interrupted
             self._raise_if_closed(err)
+            if classify(err) in UNAVAILABLE_KINDS and not isinstance(err, ChResilientError):
+                # Refused, reset or timed out while connecting: nothing was sent.
+                raise ConnectFailedError(
+                    f"could not connect to {self.label}", last_error=err
+                ) from err
             raise
         finally:
             self._local.attempt = None

@@ -7,7 +7,7 @@ counters, the monitor, the spool); it reads each once per report and passes snap
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 from .config import Config
 from .errors import describe
@@ -24,9 +24,15 @@ class Reports:
     """Builds the metrics and health reports (see the module docstring)."""
 
     def __init__(
-        self, config: Config, executor: Executor, monitor: HealthMonitor, spool: Spool | None
+        self,
+        config: Config,
+        executor: Executor,
+        monitor: HealthMonitor,
+        spool: Spool | None,
+        delivery: Callable[[], dict[str, str]] = dict,
     ) -> None:
         self._config = config
+        self._delivery = delivery  # per table: exactly_once, at_least_once, ...
         self._hosts = executor.hosts
         self._status = executor.status
         self._registry = executor.metrics
@@ -58,7 +64,7 @@ class Reports:
     def spool_health(self) -> Report:
         if self._spool is None:
             return {"enabled": False, "delivery_guarantee": "none"}
-        return {"enabled": True, **self._spool.health()}
+        return {"enabled": True, **self._spool.health(), "delivery_by_table": self._delivery()}
 
     def health(self) -> Report:
         probe = self._monitor.current_probe()

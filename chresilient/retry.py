@@ -26,6 +26,7 @@ from .errors import (
     UNAVAILABLE_KINDS,
     CircuitOpenError,
     ClickHouseUnavailableError,
+    ConnectFailedError,
     classify,
     describe,
     server_code,
@@ -72,16 +73,18 @@ class RetryPolicy:
         """Whether another attempt of ``statement`` after ``exc`` is safe and useful.
 
         Only transport and transient errors are worth another attempt. A read can always
-        be repeated, and so can a write the server refused up front
-        (``REFUSED_BEFORE_WRITE_CODES``). A write whose outcome is unknown (the connection
-        broke, 319, a memory limit mid-way) is repeated only when the server deduplicates
-        it by token; data from a one-shot iterator is never sent twice.
+        be repeated, and so can a write that never reached a server (its connect failed) or
+        that the server refused up front (``REFUSED_BEFORE_WRITE_CODES``). A write whose
+        outcome is unknown (the connection broke, 319, a memory limit mid-way) is repeated
+        only when the server deduplicates it by token; data from a one-shot iterator is
+        never sent twice.
         """
         if not statement.replayable or classify(exc) not in UNAVAILABLE_KINDS:
             return False
         return (
             not statement.is_write
             or statement.deduplicated
+            or isinstance(exc, ConnectFailedError)  # the connect failed: nothing was sent
             or server_code(exc) in REFUSED_BEFORE_WRITE_CODES
         )
 

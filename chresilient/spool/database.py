@@ -174,16 +174,31 @@ class SpoolDatabase:
 
     @contextlib.contextmanager
     def read(self) -> Iterator[sqlite3.Connection]:
+        """The reader connection. Reads never queue behind a write (the writer's lock may
+        be held while SQLite waits for another process); only a spool file without its
+        tables yet (e.g. created on a full disk) is completed by the writer first."""
         with self._read_lock:
             try:
-                if self._conn is None:
-                    with self.locked():  # the schema exists once the writer has opened
-                        pass
                 if self._reader is None:
+                    if not self._has_schema():
+                        with self.locked():  # open_database() creates the tables
+                            pass
                     self._reader = connect(self.path)
                 yield self._reader
             except (sqlite3.Error, OSError) as err:
                 raise self.error(err, "read") from err
+
+    def _has_schema(self) -> bool:
+        if not os.path.exists(self.path):
+            return False
+        probe = connect(self.path)
+        try:
+            found = probe.execute(
+                "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'totals'"
+            ).fetchone()
+        finally:
+            probe.close()
+        return found is not None
 
     def _drop_writer(self) -> None:
         if self._conn is not None:

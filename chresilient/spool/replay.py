@@ -8,16 +8,17 @@ at a time on one connection, with a short pause between batches and a longer one
 the pool is fully busy.
 
 When a delivery fails, a probe decides whose fault it is. If ClickHouse does not answer,
-the pass ends and the thread backs off until the next poll or ``wake()``; the batch is
-not counted. If ClickHouse answers, the batch itself is the problem (a *poison* batch:
-the server drops the connection on it, or rejects it): it counts an attempt and waits
-(its table waits with it, other tables flow); after ``max_attempts``, or at once for a
-deterministic rejection, it is set aside for the operator. Replay deliveries never feed
-the circuit breaker, so one bad batch cannot refuse live traffic.
+or answers that it cannot take writes now (busy, read-only while ZooKeeper is away, too
+many parts), the pass ends and the thread backs off until the next poll or ``wake()``;
+the batch is not counted. If ClickHouse answers, the batch itself is the problem (a
+*poison* batch: the server drops the connection on it, or rejects it): it counts an
+attempt and waits (its table waits with it, other tables flow); after ``max_attempts``,
+or at once for a deterministic rejection, it is set aside for the operator. Replay
+deliveries never feed the circuit breaker, so one bad batch cannot refuse live traffic.
 
-A batch delivered but not deleted (the disk is full) is remembered in memory and never
-sent again by this process: the pass keeps the replay lock and retries the delete until
-it succeeds or the replayer stops.
+A batch delivered but not deleted (the disk is full) is remembered in memory (for all
+replayers of the process) and never sent again by it: the pass keeps the replay lock and
+retries the delete until it succeeds or the replayer stops.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ import structlog
 
 from .. import fork
 from ..errors import (
+    SERVER_STATE_CODES,
     CircuitOpenError,
     ClickHouseUnavailableError,
     ClientClosedError,
@@ -40,6 +42,7 @@ from ..errors import (
     SpoolError,
     classify,
     describe_without_values,
+    server_code,
 )
 from ..metrics import Metrics
 from .codec import SpoolDecodeError
@@ -305,7 +308,12 @@ class SpoolReplayer:
             return False
         except ClickHouseUnavailableError as err:
             self._failed(report, batch, err)
-            if isinstance(err, CircuitOpenError) or not self._probe():
+            cause = server_code(err.last_error) if err.last_error is not None else None
+            if (
+                isinstance(err, CircuitOpenError)
+                or cause in SERVER_STATE_CODES  # e.g. read-only while ZooKeeper is away
+                or not self._probe()
+            ):
                 self.store.release(batch, report.last_error, outage=True)  # not the batch
                 report.outcome = "unavailable"
                 if isinstance(err, CircuitOpenError):

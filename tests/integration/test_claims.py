@@ -37,6 +37,7 @@ def test_pool_exhausted_sends_the_batch_to_the_spool(clickhouse: Any, client: Cl
         assert next(held) == (0,)  # the only connection is busy
         result = mgr.insert(table, [(1,)], ["id"])
         assert result.spooled and "PoolTimeoutError" in (result.error or "")
+        assert result.delivery == "unknown"  # never inserted into while the server answered
         assert list(held) == [(1,)]
         assert mgr.spool is not None and mgr.spool.replay().batches == 1
     assert client.execute(f"SELECT id FROM {table}") == [(1,)]

@@ -51,3 +51,19 @@ def test_docker_compose_config_validates() -> None:
                              "--profile", "example", "config", "-q"],
                             capture_output=True, text=True, timeout=60, check=False)
     assert result.returncode == 0, result.stderr
+
+
+def test_cluster_compose_has_keeper_and_two_healthy_replicas() -> None:
+    compose = yaml.safe_load((DOCKER / "docker-compose.cluster.yml").read_text())
+    services = compose["services"]
+    assert {"keeper", "clickhouse1", "clickhouse2"} <= set(services)
+    for name in ("clickhouse1", "clickhouse2"):
+        assert "SELECT 1" in " ".join(services[name]["healthcheck"]["test"])
+        assert services[name]["depends_on"]["keeper"]["condition"] == "service_healthy"
+    assert "imok" in " ".join(services["keeper"]["healthcheck"]["test"])
+    command = _compose_command()
+    assert command is not None, "bootstrap installs docker-compose"
+    result = subprocess.run([*command, "-f", str(DOCKER / "docker-compose.cluster.yml"),
+                             "config", "-q"], capture_output=True, text=True, timeout=60,
+                            check=False)  # fmt: skip
+    assert result.returncode == 0, result.stderr

@@ -14,7 +14,7 @@ from helpers import make_config, wait_until
 
 from chresilient import ClickHouseConnectionManager, Config, ConnectionPoolConfig, RetryConfig
 from chresilient.prometheus import exposition
-from chresilient.testing.cluster import LocalCluster
+from chresilient.testing.cluster import CLUSTER, LocalCluster
 from chresilient.testing.server import LocalClickHouse
 
 COLUMNS = "id UInt64, s String"
@@ -84,8 +84,9 @@ def test_zookeeper_down_spools_inserts_and_delivers_them_once_it_is_back(
     replicated: LocalCluster,
 ) -> None:
     replicated.create_replicated("events", COLUMNS, order_by="id")
-    with ClickHouseConnectionManager(_config(replicated)) as mgr:
-        mgr.start(wait=True, timeout=30)
+    # Replayed by hand in this thread (no background replayer), two attempts at most: a
+    # batch failing because ZooKeeper is away must never be taken for a poison batch.
+    with ClickHouseConnectionManager(_config(replicated, spool_max_attempts=2)) as mgr:
         assert mgr.insert("events", [(0, "before")], ["id", "s"]).delivered
         replicated.zookeeper.kill()
         # The tables go read-only (242) or have no ZooKeeper (225): ClickHouse cannot
@@ -93,12 +94,62 @@ def test_zookeeper_down_spools_inserts_and_delivers_them_once_it_is_back(
         results = [mgr.insert("events", [(n, "during")], ["id", "s"]) for n in range(1, 21)]
         assert all(r.spooled for r in results), [r.error for r in results]
         assert mgr.execute("SELECT 1") == [(1,)]  # reads still work
-        replicated.zookeeper.start()
         assert mgr.spool is not None
         spool = mgr.spool
-        wait_until(lambda: spool.pending().batches == 0, 90, what="the spool to drain")
+        for _ in range(3):
+            assert spool.replay().outcome == "unavailable"
+        assert spool.set_aside() == [] and spool.pending().batches == 20
+        replicated.zookeeper.start()
+
+        def drained() -> bool:
+            spool.replay()
+            return spool.pending().batches == 0
+
+        wait_until(drained, 90, interval=0.5, what="the spool to drain")
         assert spool.set_aside() == []
     assert _synced_counts(replicated, "events") == [(21, 21)] * 2
+
+
+def test_an_insert_refused_at_connect_fails_over_instead_of_spooling(
+    replicated: LocalCluster,
+) -> None:
+    replicated.create_replicated("events", COLUMNS, order_by="id")
+    first = replicated.replicas[0]
+    with ClickHouseConnectionManager(_config(replicated)) as mgr:
+        first.kill()  # refuses at connect: nothing of the insert is sent to it
+        result = mgr.insert("events", [(1, "x")], ["id", "s"])
+        assert result.delivered and not result.spooled
+        assert mgr.metrics()["failovers_total"] >= 1
+        # A replicated table drops a block it has seen: what it can promise, per table.
+        assert result.delivery == "exactly_once"
+        assert mgr.spool_health()["delivery_by_table"] == {"`events`": "exactly_once"}
+        first.start()
+    assert _synced_counts(replicated, "events") == [(1, 1)] * 2
+
+
+def test_a_distributed_table_with_one_replica_down(replicated: LocalCluster) -> None:
+    replicated.create_replicated("events", COLUMNS, order_by="id")
+    for replica in replicated.replicas:
+        replica.query(
+            f"CREATE TABLE events_all ({COLUMNS}) ENGINE = Distributed({CLUSTER}, default, events)"
+        )
+    first, second = replicated.replicas
+    first.client().execute("INSERT INTO events VALUES", [(i, "x") for i in range(1000)])
+    second.query("SYSTEM SYNC REPLICA events", timeout=60)
+    cfg = _config(replicated, load_balancing="round_robin")
+    with ClickHouseConnectionManager(cfg) as mgr:
+        second.kill()  # the Distributed table's other replica, and one of our hosts
+        results = [mgr.execute("SELECT count() FROM events_all") for _ in range(20)]
+        assert results == [[(1000,)]] * 20  # complete, and no error reached the caller
+        assert mgr.insert("events_all", [(5000, "via distributed")], ["id", "s"]).delivered
+        second.start()
+    # 18.16 sends inserts into a Distributed table in the background.
+    wait_until(
+        lambda: _synced_counts(replicated, "events") == [(1001, 1001)] * 2,
+        60,
+        interval=0.5,
+        what="the insert through the Distributed table on both replicas",
+    )
 
 
 def test_a_replica_that_really_lags_is_avoided_until_it_catches_up(

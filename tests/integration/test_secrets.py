@@ -272,7 +272,9 @@ def test_the_password_never_appears_in_any_output(
             spool = good.spool
             assert spool is not None
             wait_until(lambda: spool.pending().batches == 0, timeout=10, what="spool drained")
-            assert good.execute("SELECT count() FROM t") == [(2,)]
+            # Both spooled rows arrived (a replay cut by the proxy's reset may have sent one
+            # twice: 18.16 has no dedup token, delivery is at least once).
+            assert good.execute("SELECT DISTINCT id FROM t ORDER BY id") == [(2,), (3,)]
             seen.observe(good, slow=True)
         finally:
             clickhouse_server.thaw()

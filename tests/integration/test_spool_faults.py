@@ -20,7 +20,7 @@ from typing import Any
 
 import pytest
 from clickhouse_driver import Client
-from helpers import free_port, make_config, subprocess_env, wait_until
+from helpers import free_port, make_config, subprocess_env, wait_for_recovery, wait_until
 from test_cli import run_cli
 
 from chresilient import ClickHouseConnectionManager, SpoolFullError
@@ -363,6 +363,7 @@ def test_exported_batches_load_back_as_the_same_rows(
         assert mgr.insert(target, rows, names).spooled
         client.execute(f"RENAME TABLE {target} TO {target}_away")  # rejected on replay
         fault_proxy.pass_through()
+        wait_for_recovery(mgr)  # the refused connects opened the breaker
         assert mgr.spool is not None  # replayed here, in this thread (no replayer started)
         report = mgr.spool.replay()
         assert report.set_aside == 1

@@ -26,7 +26,7 @@ LAYERS: list[set[str]] = [
     {"pool"},
     {"hosts"},
     {"executor", "startup"},
-    {"spool", "health", "observability", "ingest", "schema", "prometheus", "reports"},
+    {"spool", "health", "observability", "ingest", "schema", "delivery", "prometheus", "reports"},
     {"spool_setup"},
     {"manager"},
     {"client", "sqlalchemy", "checks", "cli", "cli_spool", "contrib", "testing"}

@@ -299,9 +299,12 @@ def test_bad_rows_fail_before_anything_is_sent_or_spooled(tmp_path: Path) -> Non
             mgr.insert("t", [1, 2])
         with pytest.raises(InvalidBatchError, match="row 1 has no column 's'"):
             mgr.insert("t", [{"id": 1, "s": "a"}, {"id": 2, "x": "b"}])
+        assert mgr.metrics()["connection_attempts"] == 0  # nothing was even tried
         with pytest.raises(InvalidBatchError, match=r"batch 1: row 3 has 1 values"):
             mgr.insert_batches("t", iter([(1, "a"), (2, "b"), (3, "c"), (4,)]), batch_size=2)
-        assert mgr.metrics()["connection_attempts"] == 1  # the first batch of insert_batches
+        # Only the good first batch was tried (its connects refused: nothing sent, so
+        # retried like a read), then spooled.
+        assert mgr.metrics()["connection_attempts"] == mgr.config.retry.max_attempts
         assert mgr.spool is not None and mgr.spool.pending().batches == 1
     finally:
         mgr.close()

@@ -267,7 +267,9 @@ def classify(exc: BaseException) -> ErrorKind:
 
 
 # Transient codes the server raises before it writes anything: a write may be repeated.
-REFUSED_BEFORE_WRITE_CODES = frozenset({202, 203, 225, 242, 252, 285})
+# Only admission refusals: TOO_MANY_PARTS, TABLE_IS_READ_ONLY or NO_ZOOKEEPER can come
+# from a materialized view's target after the source table took the rows.
+REFUSED_BEFORE_WRITE_CODES = frozenset({202, 203})
 
 
 UNAVAILABLE_KINDS = frozenset({ErrorKind.TRANSPORT, ErrorKind.TRANSIENT})

@@ -34,7 +34,7 @@ from ..errors import ErrorKind, classify, describe
 from ..events import Event, Events
 from ..hosts import HostState
 from ..metrics import utc_iso
-from ..server import read_replica_delay
+from ..server import ReplicaStatus, read_replicas, replica_delay
 from ..state import ConnectionState, ConnectionStatus
 from .common import Cancellation, Report, ReportCache, elapsed_ms
 from .consistency import check_consistency
@@ -88,8 +88,8 @@ class HealthMonitor:
         self._thread: threading.Thread | None = None
         self._inflight: PooledConnection | None = None
         self.max_replica_delay = cfg.max_replica_delay
-        # (host label, client) -> seconds; replaceable so tests can fake a lagging replica.
-        self.replica_delay_source: Callable[[str, Client], float | None] = read_replica_delay
+        # What system.replicas says of the host's replicated tables.
+        self.replica_source: Callable[[Client], list[ReplicaStatus]] = read_replicas
         self._delay_unreadable: set[str] = set()
         self._open_backoff = OPEN_PROBE_FIRST
         # From now on it probes for recovery, so application calls need not.
@@ -277,7 +277,7 @@ class HealthMonitor:
                 self._inflight = conn
                 conn.client.execute("SELECT 1")
                 latency = elapsed_ms(started)
-                delay = self._replica_delay(host, conn)
+                delay, read_only = self._replicas(host, conn)
         except Exception as exc:
             self.probe_failures_total += 1
             host.breaker.record_probe(False, exc)
@@ -291,14 +291,26 @@ class HealthMonitor:
             self._inflight = None
         host.breaker.record_probe(True)
         self._status.answered()
-        return {"ok": True, "latency_ms": latency, "error": None, "replica_delay": delay}
+        return {
+            "ok": True,
+            "latency_ms": latency,
+            "error": None,
+            "replica_delay": delay,
+            "read_only_tables": read_only,
+        }
 
-    def _replica_delay(self, host: HostState, conn: PooledConnection) -> float | None:
-        """Read and record the host's replica delay; a failed read only forgets it."""
+    def _replicas(
+        self, host: HostState, conn: PooledConnection
+    ) -> tuple[float | None, list[str]]:
+        """Read and record the host's replica delay, and the replicated tables that cannot
+        take writes (ZooKeeper away, session expired); a failed read only forgets them."""
         if self.max_replica_delay is None:
-            return None
+            return None, []
+        read_only: list[str] = []
         try:
-            delay = self.replica_delay_source(host.label, conn.client)
+            replicas = self.replica_source(conn.client)
+            delay: float | None = replica_delay(replicas)
+            read_only = [r.table for r in replicas if r.readonly or r.session_expired]
             self._delay_unreadable.discard(host.label)
         except Exception as exc:
             if classify(exc) is ErrorKind.TRANSPORT:
@@ -314,7 +326,7 @@ class HealthMonitor:
                 replica_delay=delay,
                 max_replica_delay=self.max_replica_delay,
             )
-        return delay
+        return delay, read_only
 
     def _verdict(self, results: dict[str, dict[str, Any]]) -> ConnectionState:
         """The connection state a round of probes shows."""

@@ -80,6 +80,12 @@ def _status(inputs: HealthInputs, consistency: Report) -> tuple[str, list[str]]:
     for label, result in probes.items():
         if not result["ok"]:
             reasons.append(f"{label}: probe failed: {result['error']}")
+        elif result.get("read_only_tables"):
+            tables = result["read_only_tables"]
+            reasons.append(
+                f"{label}: {len(tables)} replicated tables cannot take writes (ZooKeeper away "
+                f"or its session expired): {', '.join(tables[:5])}"
+            )
     states = {h.label: h.breaker["state"] for h in inputs.hosts}
     for label, breaker_state in states.items():
         if breaker_state != "closed":

@@ -24,6 +24,7 @@ retries the delete until it succeeds or the replayer stops.
 from __future__ import annotations
 
 import contextlib
+import socket
 import threading
 import time
 from collections.abc import Callable
@@ -31,6 +32,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import structlog
+from clickhouse_driver import errors as driver_errors
 
 from .. import fork
 from ..errors import (
@@ -308,12 +310,7 @@ class SpoolReplayer:
             return False
         except ClickHouseUnavailableError as err:
             self._failed(report, batch, err)
-            cause = server_code(err.last_error) if err.last_error is not None else None
-            if (
-                isinstance(err, CircuitOpenError)
-                or cause in SERVER_STATE_CODES  # e.g. read-only while ZooKeeper is away
-                or not self._probe()
-            ):
+            if _not_the_batch(err) or not self._probe():
                 self.store.release(batch, report.last_error, outage=True)  # not the batch
                 report.outcome = "unavailable"
                 if isinstance(err, CircuitOpenError):
@@ -434,3 +431,18 @@ class SpoolReplayer:
         for _ in range(BUSY_WAITS_MAX):
             if not self._busy() or self._stop.wait(BUSY_WAIT):
                 return
+
+
+def _not_the_batch(err: ClickHouseUnavailableError) -> bool:
+    """Failures that say nothing against the rows: the breaker is open, the server said it
+    cannot take writes now (busy, read-only without ZooKeeper, too many parts), or it did
+    not answer in time (a frozen server or ZooKeeper: a poison batch breaks the connection
+    or is refused, it does not make the server silent)."""
+    cause = err.last_error
+    if isinstance(err, CircuitOpenError):
+        return True
+    if cause is not None and server_code(cause) in SERVER_STATE_CODES:
+        return True
+    while isinstance(cause, ClickHouseUnavailableError) and cause.last_error is not None:
+        cause = cause.last_error  # e.g. ConnectFailedError around a socket timeout
+    return isinstance(cause, (TimeoutError, socket.timeout, driver_errors.SocketTimeoutError))

@@ -278,3 +278,21 @@ def test_a_batch_delivered_but_not_deleted_is_not_sent_by_the_next_manager_eithe
     report = second.replay()
     assert server.delivered == ["b0"] and report.batches == 0
     assert second_store.totals().batches == 0
+
+
+def test_a_silent_server_is_not_taken_for_a_poison_batch(tmp_path: Path) -> None:
+    """A timeout (a frozen server or ZooKeeper) says nothing against the rows."""
+    store = _store(tmp_path)
+    store.put("`a`", None, [(0,)], batch_id="b0")
+
+    def deliver(batch: SpooledBatch) -> None:
+        raise ClickHouseUnavailableError("insert failed", last_error=TimeoutError("timed out"))
+
+    replayer = SpoolReplayer(
+        store, deliver, metrics=Metrics(), interval=60, lease_seconds=60,
+        probe=lambda: True, max_attempts=2, pause=0,
+    )  # fmt: skip
+    for _ in range(3):
+        assert replayer.replay().outcome == "unavailable"
+    (batch,) = store.batches(ids=[1])
+    assert batch.attempts == 0 and not store.batches()

@@ -37,6 +37,15 @@ CONNECTION_STATES = ("connecting", "healthy", "degraded", "unhealthy", "closed")
 MULTIPROC_ENV = ("PROMETHEUS_MULTIPROC_DIR", "prometheus_multiproc_dir")
 
 
+# metrics() key -> help: the spool's gauges, exported as chresilient_spool_<key>.
+SPOOL_GAUGES = {
+    "pending_bytes": "Bytes of undelivered batches in the local spool.",
+    "pending_rows": "Rows in the local spool awaiting delivery.",
+    "pending_batches": "Batches in the local spool awaiting delivery.",
+    "set_aside_batches": "Spooled batches set aside for the operator (chresilient spool list).",
+    "set_aside_rows": "Rows in spooled batches set aside for the operator.",
+}
+
 class MetricsSource(Protocol):
     """Anything with ``metrics()`` in the shape of ``mgr.metrics()`` (a manager is one)."""
 
@@ -123,31 +132,8 @@ class ManagerCollector(Collector):
                 yield self._counter(f"chresilient_{name}", f"{key} counter.", m[key])
         for key, text in SPOOL_COUNTERS.items():
             yield self._counter(f"chresilient_{key}_total", text, m.get(key, 0) or 0)
-        yield self._gauge(
-            "chresilient_spool_pending_bytes",
-            "Bytes of undelivered batches in the local spool.",
-            m.get("pending_bytes", 0) or 0,
-        )
-        yield self._gauge(
-            "chresilient_spool_pending_rows",
-            "Rows in the local spool awaiting delivery.",
-            m.get("pending_rows", 0) or 0,
-        )
-        yield self._gauge(
-            "chresilient_spool_pending_batches",
-            "Batches in the local spool awaiting delivery.",
-            m.get("pending_batches", 0) or 0,
-        )
-        yield self._gauge(
-            "chresilient_spool_set_aside_batches",
-            "Spooled batches set aside for the operator (chresilient spool list).",
-            m.get("set_aside_batches", 0) or 0,
-        )
-        yield self._gauge(
-            "chresilient_spool_set_aside_rows",
-            "Rows in spooled batches set aside for the operator.",
-            m.get("set_aside_rows", 0) or 0,
-        )
+        for key, text in SPOOL_GAUGES.items():
+            yield self._gauge(f"chresilient_spool_{key}", text, m.get(key, 0) or 0)
         yield self._gauge(
             "chresilient_spool_usable",
             "1 while the spool can be written; 0 when its disk is full or it is unwritable.",

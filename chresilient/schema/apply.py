@@ -83,6 +83,7 @@ class Schema:
         # a ConfigError when the manager is built.
         self._statements = {f.name: f.statements(cfg.database, cfg.cluster) for f in self.files}
         self._tables = {f.name: f.tables(cfg.database, cfg.cluster) for f in self.files}
+        self._owned = frozenset(t for tables in self._tables.values() for t in tables)
         self.record = f"{quote_identifier(cfg.database)}.{quote_identifier(RECORD_TABLE)}"
         key = "|".join(f"{h}:{p}" for h, p in cfg.hosts) + f"/{cfg.database}"
         digest = hashlib.sha1(key.encode()).hexdigest()[:12]
@@ -96,8 +97,7 @@ class Schema:
 
     def owns(self, table: str) -> bool:
         """Whether the schema creates or alters ``table`` (as an INSERT names it)."""
-        owned = {t for tables in self._tables.values() for t in tables}
-        return table_key(table, self._cfg.database) in owned
+        return table_key(table, self._cfg.database) in self._owned
 
     # -- applying -----------------------------------------------------------------------
     def apply(self, timeout: float | None = None) -> dict[str, Any]:
@@ -227,7 +227,7 @@ class Schema:
 
     def _present(self, deadline: Deadline) -> set[tuple[str, str]]:
         """Which of the schema's tables exist now."""
-        owned = {t for tables in self._tables.values() for t in tables}
+        owned = self._owned
         if not owned:
             return set()
         rows = self._run(

@@ -87,9 +87,8 @@ def test_disk_full_during_replay_then_freed_stores_every_row_once(
 ) -> None:
     table = _table(client, "full")
     cfg = make_config(
-        clickhouse,
-        host=fault_proxy.host,
-        port=fault_proxy.port,
+        fault_proxy,
+        auth=clickhouse,
         spool_dir=str(small_disk / "spool"),
         spool_replay_interval=0.2,
     )
@@ -123,9 +122,7 @@ def test_a_manager_starts_on_a_full_spool_disk_and_serves_queries(
 ) -> None:
     table = _table(client, "fullstart")
     spool_dir = small_disk / "spool"
-    cfg = make_config(
-        clickhouse, host=fault_proxy.host, port=fault_proxy.port, spool_dir=str(spool_dir)
-    )
+    cfg = make_config(fault_proxy, auth=clickhouse, spool_dir=str(spool_dir))
     fault_proxy.refuse()
     with ClickHouseConnectionManager(cfg) as first:
         assert first.insert(table, _rows(0), ["id", "s"]).spooled
@@ -155,9 +152,8 @@ def test_poison_batches_are_set_aside_while_the_rest_flows(
 ) -> None:
     ta, tb, gone = (_table(client, n) for n in ("pa", "pb", "pgone"))
     cfg = make_config(
-        clickhouse,
-        host=fault_proxy.host,
-        port=fault_proxy.port,
+        fault_proxy,
+        auth=clickhouse,
         spool_dir=str(tmp_path / "spool"),
         spool_replay_interval=0.2,
         spool_max_attempts=3,
@@ -271,9 +267,8 @@ def test_a_spool_that_fills_its_own_disk_still_drains(
 ) -> None:
     table = _table(client, "wedge")
     cfg = make_config(
-        clickhouse,
-        host=fault_proxy.host,
-        port=fault_proxy.port,
+        fault_proxy,
+        auth=clickhouse,
         spool_dir=str(small_disk / "spool"),
         spool_replay_interval=0.2,
     )
@@ -307,9 +302,8 @@ def test_set_aside_batches_never_show_their_values(
     table = f"enum_{uuid.uuid4().hex[:8]}"
     client.execute(f"CREATE TABLE {table} (e Enum8('a' = 1)) ENGINE = Memory")
     cfg = make_config(
-        clickhouse,
-        host=fault_proxy.host,
-        port=fault_proxy.port,
+        fault_proxy,
+        auth=clickhouse,
         spool_dir=str(tmp_path / "spool"),
         spool_replay_interval=0.2,
     )
@@ -355,9 +349,7 @@ def test_exported_batches_load_back_as_the_same_rows(
         (3, decimal.Decimal("0"), dt.datetime(2021, 6, 1), ["\\N"], "\\N"),  # text, not NULL
     ]
     client.execute(f"INSERT INTO {reference} ({', '.join(names)}) VALUES", rows)
-    cfg = make_config(
-        clickhouse, host=fault_proxy.host, port=fault_proxy.port, spool_dir=str(tmp_path / "spool")
-    )
+    cfg = make_config(fault_proxy, auth=clickhouse, spool_dir=str(tmp_path / "spool"))
     with ClickHouseConnectionManager(cfg) as mgr:
         fault_proxy.refuse()
         assert mgr.insert(target, rows, names).spooled

@@ -28,6 +28,9 @@ setup(
         "flask": ["Flask>=2.2,<4"],
         "sqlalchemy": ["clickhouse-sqlalchemy>=0.3,<0.4"],
         "progress": ["tqdm>=4.60,<5"],
+        "numpy": ["clickhouse-driver[numpy]>=0.2.6,<0.3"],
+        # the pytest plugin (chresilient.testing.pytest_plugin): fixtures for outage tests
+        "testing": ["pytest>=7.4,<10"],
         "test": [
             "pytest>=7.4,<10",
             "pytest-docker>=2.0,<4",
@@ -36,11 +39,17 @@ setup(
             "PyYAML>=6,<7",
             "waitress>=2.1,<4",
             "gunicorn>=21,<24",
+            # clickhouse-driver's own tests (tests/integration/test_driver_suite.py)
+            "clickhouse-driver[lz4,zstd]>=0.2.6,<0.3",
+            "parameterized>=0.9,<1",
         ],
         "bench": ["clickhouse-pool>=0.5.3,<0.6"],
         "dev": ["ruff>=0.5", "mypy>=1.8", "tox>=4,<5"],
     },
-    entry_points={"console_scripts": ["chresilient=chresilient.cli:main"]},
+    entry_points={
+        "console_scripts": ["chresilient=chresilient.cli:main"],
+        "pytest11": ["chresilient = chresilient.testing.pytest_plugin"],
+    },
     classifiers=[
         "Programming Language :: Python :: 3",
         "Topic :: Database",

@@ -1,7 +1,7 @@
 """chresilient: a resilient ClickHouse connection layer for synchronous Python backends."""
 
 from .breaker import CircuitBreaker, CircuitState
-from .client import ResilientClient, get_clickhouse_client, reset_clickhouse_client
+from .client import Client, ResilientClient, get_clickhouse_client, reset_clickhouse_client
 from .config import (
     CircuitBreakerConfig,
     Config,
@@ -43,6 +43,7 @@ __all__ = [
     "CircuitState",
     "ClickHouseConnectionManager",
     "ClickHouseUnavailableError",
+    "Client",
     "ClientClosedError",
     "ClosedInFlightError",
     "Config",

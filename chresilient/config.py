@@ -34,6 +34,22 @@ from .config_values import (
 )
 from .errors import ConfigError
 
+# Keywords of clickhouse_driver's Connection that have no Config field of their own.
+DRIVER_OPTIONS = (
+    "certfile",
+    "check_hostname",
+    "ciphers",
+    "client_revision",
+    "compress_block_size",
+    "disable_reconnect",
+    "keyfile",
+    "keypass",
+    "server_hostname",
+    "settings_is_important",
+    "ssl_version",
+    "sync_request_timeout",
+    "tcp_keepalive",
+)
 LOAD_BALANCING = ("in_order", "round_robin", "random", "least_loaded")
 SPOOL_FULL_POLICIES = ("raise", "block", "drop_oldest")
 REDACTED = "***"
@@ -150,6 +166,9 @@ class Config:
     client_name: str = "chresilient"
     compression: bool | str = False
     settings: Mapping[str, Any] = field(default_factory=dict)
+    # More keywords for the driver's Connection (tcp_keepalive, certfile, ciphers, ...):
+    # DRIVER_OPTIONS names them; ``chresilient.Client`` fills this from its keywords.
+    driver_options: Mapping[str, Any] = field(default_factory=dict)
     retry: RetryConfig = field(default_factory=RetryConfig)
     pool: ConnectionPoolConfig = field(default_factory=ConnectionPoolConfig)
     breaker: CircuitBreakerConfig = field(default_factory=CircuitBreakerConfig)
@@ -202,6 +221,14 @@ class Config:
         )
         check(isinstance(self.settings, Mapping), "settings", "must be a mapping")
         object.__setattr__(self, "settings", dict(self.settings))
+        check(isinstance(self.driver_options, Mapping), "driver_options", "must be a mapping")
+        unknown = sorted(set(self.driver_options) - set(DRIVER_OPTIONS))
+        check(
+            not unknown,
+            "driver_options",
+            f"unknown option(s) {', '.join(unknown)}; known: {', '.join(DRIVER_OPTIONS)}",
+        )
+        object.__setattr__(self, "driver_options", dict(self.driver_options))
         for name, kind in (
             ("retry", RetryConfig),
             ("pool", ConnectionPoolConfig),

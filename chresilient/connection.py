@@ -13,6 +13,7 @@ import socket
 import time
 from collections.abc import Mapping
 from contextlib import suppress
+from dataclasses import dataclass
 from typing import Any, Callable
 
 from clickhouse_driver import Client
@@ -104,6 +105,16 @@ class PooledConnection:
         """ClickHouse has no transactions; the pool's reset-on-return is a no-op."""
 
 
+@dataclass(frozen=True)
+class LastCheckout:
+    """A thread's latest checkout: ``sequence`` orders them across pools; ``query_info``
+    is the driver's ``last_query`` of that call (None while it runs)."""
+
+    sequence: int
+    connection: PooledConnection
+    query_info: Any
+
+
 def _socket_is_readable(sock: socket.socket) -> bool:
     # select() with a zero timeout never blocks, whatever timeout the socket has;
     # recv(MSG_PEEK) on a socket with a timeout would wait that long first.
@@ -131,6 +142,10 @@ def make_client(cfg: Config, address: HostPort, timeout: float) -> Client:
         send_receive_timeout=timeout,
         sync_request_timeout=min(PING_TIMEOUT, timeout),
     )
+    options = dict(cfg.driver_options)
+    if "sync_request_timeout" in options:
+        options["sync_request_timeout"] = min(options["sync_request_timeout"], timeout)
+    kwargs.update(options)
     if cfg.ca_certs:
         kwargs["ca_certs"] = cfg.ca_certs
     client = Client(settings=dict(cfg.settings), **kwargs)

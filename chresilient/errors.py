@@ -25,12 +25,22 @@ class ChResilientError(driver_errors.Error):  # type: ignore[misc]
 
     def __reduce__(self) -> tuple[Any, ...]:
         # Subclasses take other constructor arguments than their args: rebuild from the
-        # state, so the errors cross process boundaries (multiprocessing, pickle).
+        # state, so the errors cross process boundaries (multiprocessing, pickle). A class
+        # made by with_driver_class is rebuilt from its two importable bases.
+        mixed_from = type(self).__dict__.get("mixed_from")
+        if mixed_from is not None:
+            return (_rebuild_mixed, (*mixed_from, self.args, dict(self.__dict__)))
         return (_rebuild, (type(self), self.args, dict(self.__dict__)))
 
 
+def _rebuild_mixed(
+    cls: type[Any], driver_class: type[Any], args: tuple[Any, ...], state: dict[str, Any]
+) -> Any:
+    return _rebuild(with_driver_class(cls, driver_class), args, state)
+
+
 def _rebuild(cls: type[ChResilientError], args: tuple[Any, ...], state: dict[str, Any]) -> Any:
-    error = cls.__new__(cls)
+    error = Exception.__new__(cls)
     Exception.__init__(error, *args)
     error.__dict__.update(state)
     return error
@@ -49,8 +59,17 @@ class ClickHouseUnavailableError(ChResilientError):
     """ClickHouse could not serve the call: retries exhausted, budget spent, or breaker open.
 
     ``last_error`` holds the last underlying error (if any), ``attempts`` how many
-    attempts were made.
+    attempts were made. When that error is one of the driver's transport errors
+    (``NetworkError``, ``SocketTimeoutError``, ...), the instance is of that class too, so
+    ``except clickhouse_driver.errors.NetworkError`` written for the bare driver still
+    catches it (see :func:`with_driver_class`).
     """
+
+    def __new__(cls, *args: Any, **kwargs: Any) -> ClickHouseUnavailableError:
+        driver_class = _transport_class(kwargs.get("last_error"))
+        if driver_class is not None and not issubclass(cls, driver_class):
+            cls = with_driver_class(cls, driver_class)
+        return super().__new__(cls, *args)  # type: ignore[no-any-return]
 
     def __init__(
         self,
@@ -63,6 +82,33 @@ class ClickHouseUnavailableError(ChResilientError):
         if last_error is not None:
             message = f"{message} (last error: {describe(last_error)})"
         super().__init__(message)
+
+
+_MIXED: dict[tuple[type, type], type] = {}
+
+
+def with_driver_class(cls: type[Any], driver_class: type[Any]) -> type[Any]:
+    """``cls`` that is also ``driver_class`` (one class per pair, named like ``cls``)."""
+    key = (cls, driver_class)
+    mixed = _MIXED.get(key)
+    if mixed is None:
+        namespace = {"__module__": cls.__module__, "mixed_from": key}
+        mixed = type(cls.__name__, (cls, driver_class), namespace)
+        mixed.__qualname__ = cls.__qualname__
+        mixed = _MIXED.setdefault(key, mixed)
+    return mixed
+
+
+def _transport_class(error: BaseException | None) -> type[Any] | None:
+    """The class of the driver's own transport error behind ``error``, if that is one
+    (the server's errors are left out: their codes drive classification)."""
+    while isinstance(error, ChResilientError):
+        error = getattr(error, "last_error", None)
+    if isinstance(error, driver_errors.Error) and not isinstance(
+        error, driver_errors.ServerException
+    ):
+        return type(error)
+    return None
 
 
 class CircuitOpenError(ClickHouseUnavailableError):
@@ -301,7 +347,9 @@ def server_code(exc: BaseException) -> int | None:
 def describe(exc: BaseException) -> str:
     """A one-line description of ``exc``: type, code, first line of the message."""
     code = server_code(exc)
-    if isinstance(exc, driver_errors.ServerException):
+    if isinstance(exc, ChResilientError):
+        code = None  # its own message; a driver class mixed in adds no code
+    elif isinstance(exc, driver_errors.ServerException):
         text = str(exc.message or "").strip().splitlines()
         first = text[0] if text else ""
         if first.startswith("DB::Exception: "):

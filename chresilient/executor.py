@@ -14,7 +14,7 @@ import threading
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import ExitStack
-from typing import Any, Callable, TypeVar
+from typing import Any, Callable, Generic, TypeVar
 
 import structlog
 
@@ -170,6 +170,29 @@ class Executor:
             metrics.incr("retry_attempts", stats.retries)
         return result
 
+    def checkout(
+        self,
+        start: Callable[[PooledConnection], T],
+        statement: Statement,
+        within: float | None = None,
+    ) -> Held[T]:
+        """``start(connection)`` under retry, breaker and failover, keeping the connection
+        checked out until :meth:`Held.release`: for results read after the call returns
+        (a stream, progress packets)."""
+
+        def open_held(host: HostState, timeout: float, deadline: Deadline) -> Held[T]:
+            stack = ExitStack()
+            try:
+                conn = stack.enter_context(host.pool.connection(timeout, deadline))
+                value = start(conn)
+            except BaseException as exc:
+                if not stack.__exit__(type(exc), exc, exc.__traceback__):
+                    raise
+                raise  # pragma: no cover - the pool context never swallows
+            return Held(self, host, stack, conn, value)
+
+        return self.call_on_host(open_held, statement, within=within)
+
     def stream(
         self,
         start: Callable[[PooledConnection], Iterator[Any]],
@@ -182,44 +205,39 @@ class Executor:
         connection, since the server may still be sending.
         """
 
-        def open_stream(
-            host: HostState, timeout: float, deadline: Deadline
-        ) -> tuple[ExitStack, Iterator[Any], Any]:
-            stack = ExitStack()
-            try:
-                conn = stack.enter_context(host.pool.connection(timeout, deadline))
-                rows = start(conn)
-                first = next(rows, _END)
-            except BaseException as exc:
-                if not stack.__exit__(type(exc), exc, exc.__traceback__):
-                    raise
-                raise  # pragma: no cover - the pool context never swallows
-            return stack, rows, first
+        def first_row(conn: PooledConnection) -> tuple[Iterator[Any], Any]:
+            rows = start(conn)
+            return rows, next(rows, _END)
 
-        tried: list[HostState] = []
-        stack, rows, first = self.call_on_host(open_stream, statement, tried)
-        return self._rows(stack, rows, first, tried[-1])
+        return self._rows(self.checkout(first_row, statement))
 
-    def _rows(
-        self, stack: ExitStack, rows: Iterator[Any], first: Any, host: HostState
-    ) -> Iterator[Any]:
+    @staticmethod
+    def _rows(held: Held[tuple[Iterator[Any], Any]]) -> Iterator[Any]:
+        rows, first = held.value
         try:
             if first is not _END:
                 yield first
                 yield from rows
         except GeneratorExit:
-            stack.__exit__(GeneratorExit, GeneratorExit(), None)
+            held.fail(GeneratorExit())
             raise
         except Exception as exc:
-            stack.__exit__(type(exc), exc, exc.__traceback__)
-            kind = classify(exc)
-            self.metrics.error(kind.value)
-            if counts_for_breaker(kind):
-                self._failed(host, exc)
-                raise ClickHouseUnavailableError("stream broke", last_error=exc) from exc
-            raise
+            error = held.fail(exc)
+            if error is exc:
+                raise
+            raise error from exc
         else:
-            stack.__exit__(None, None, None)
+            held.release()
+
+    def broke(self, host: HostState, exc: BaseException) -> BaseException:
+        """A held connection failed after its call returned: record it and say what the
+        caller should see (a lost connection becomes ``ClickHouseUnavailableError``)."""
+        kind = classify(exc)
+        self.metrics.error(kind.value)
+        if counts_for_breaker(kind):
+            self._failed(host, exc)
+            return ClickHouseUnavailableError("stream broke", last_error=exc)
+        return exc
 
     # -- one attempt --------------------------------------------------------------------
     def _attempt(
@@ -303,3 +321,35 @@ class Executor:
 
     def _sleep(self, seconds: float) -> bool:
         return not self._closing.wait(seconds)
+
+
+class Held(Generic[T]):
+    """A connection kept checked out after its call returned (see Executor.checkout)."""
+
+    def __init__(
+        self,
+        executor: Executor,
+        host: HostState,
+        stack: ExitStack,
+        conn: PooledConnection,
+        value: T,
+    ) -> None:
+        self.host, self.connection, self.value = host, conn, value
+        self._executor, self._stack = executor, stack
+        self.released = False
+
+    def release(self) -> None:
+        """Return the connection to the pool: the result was read to its end."""
+        if not self.released:
+            self.released = True
+            self._stack.__exit__(None, None, None)
+
+    def fail(self, error: BaseException) -> BaseException:
+        """Discard the connection after ``error``; returns what the caller should raise."""
+        if self.released:
+            return error
+        self.released = True
+        self._stack.__exit__(type(error), error, error.__traceback__)
+        if isinstance(error, GeneratorExit):
+            return error
+        return self._executor.broke(self.host, error)

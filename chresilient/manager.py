@@ -131,8 +131,7 @@ class ClickHouseConnectionManager:
             service.start()
 
     def wait_until_ready(self, timeout: float) -> float:
-        """Block until a host answers; returns the seconds waited. See :meth:`start`."""
-        return self.gate.wait(timeout)
+        return self.gate.wait(timeout)  # block until a host answers; the seconds waited
 
     def close(self) -> None:
         """Stop using ClickHouse: close every pooled connection. A second call is harmless."""
@@ -257,6 +256,12 @@ class ClickHouseConnectionManager:
             chunk_size=chunk_size,
         )
 
+    def open_executor(self) -> Executor:
+        """The executor, for calls made outside execute() (the drop-in client's other
+        methods): repaired after fork(); raises ClientClosedError once closed."""
+        self._check_open()
+        return self.executor
+
     def supports(self, feature: str) -> bool:
         """Whether every known host has ``feature`` (False until a host was seen)."""
         return all_support(self.hosts, feature)
@@ -303,8 +308,7 @@ class ClickHouseConnectionManager:
         )
 
     def spool_health(self) -> dict[str, Any]:
-        """The spool section of health(): pending batches/rows/bytes, delivery guarantee."""
-        return self.reports.spool_health()
+        return self.reports.spool_health()  # pending batches/rows/bytes, delivery promise
 
     # -- operations and reports -------------------------------------------------------
     def reconnect(self) -> dict[str, Any]:
@@ -318,22 +322,18 @@ class ClickHouseConnectionManager:
         return self.reports.metrics()
 
     def health(self) -> dict[str, Any]:
-        """Status, connection state, cached check summaries, breaker, pool and spool.
-
-        Built from the monitor's cached results; only when the latest probe is stale (the
-        monitor is not running) one probe round runs, shared by concurrent callers.
-        """
+        """Status, connection state, cached check summaries, breaker, pool and spool: the
+        monitor's cached results; only when the latest probe is stale (the monitor is not
+        running) one probe round runs, shared by concurrent callers."""
         self._restart_after_fork()
         return self.reports.health()
 
     def connection_report(self) -> dict[str, Any]:
-        """Per-host detail for ``/health/clickhouse/connection``."""
-        return connection_report(self.health())
+        return connection_report(self.health())  # per host, /health/clickhouse/connection
 
     @property
     def check_timeout(self) -> float:
-        """How long a health request may wait for dependency or consistency checks."""
-        return self.monitor.report_wait()
+        return self.monitor.report_wait()  # a health request's wait for checks
 
     def validate_service_dependencies(
         self, timeout: float = 120.0, max_age: float | None = None
@@ -345,6 +345,5 @@ class ClickHouseConnectionManager:
     def ensure_analytics_consistency(
         self, timeout: float = 60.0, max_age: float | None = None
     ) -> dict[str, Any]:
-        """Check the configured analytics tables and the write probe (see ``max_age``
-        of :meth:`validate_service_dependencies`)."""
+        """Check the analytics tables and the write probe (``max_age``: as above)."""
         return self.monitor.consistency.report(timeout, max_age)

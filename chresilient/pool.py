@@ -8,6 +8,7 @@ the server said about itself.
 
 from __future__ import annotations
 
+import itertools
 import socket
 import threading
 import time
@@ -26,7 +27,7 @@ from sqlalchemy.pool import ConnectionPoolEntry, PoolProxiedConnection, QueuePoo
 
 from .config import Config
 from .config_values import HostPort, format_host
-from .connection import PooledConnection, make_client
+from .connection import LastCheckout, PooledConnection, make_client
 from .errors import (
     UNAVAILABLE_KINDS,
     ChResilientError,
@@ -40,6 +41,10 @@ from .retry import Deadline
 from .server import ServerInfo, detect_features
 
 log = structlog.get_logger("chresilient.pool")
+
+# Orders the checkouts of all pools (itertools.count is atomic under the GIL).
+_CHECKOUTS = itertools.count()
+
 
 @dataclass
 class PoolStats:
@@ -237,6 +242,8 @@ class HostPool:
         finally:
             self._local.attempt = None
         conn: PooledConnection = fairy.dbapi_connection  # type: ignore[assignment]
+        local = self._local
+        local.last, local.sequence, local.query_info = conn, next(_CHECKOUTS), None
         with self._busy_lock:
             closed = self._closed
             if not closed:
@@ -254,6 +261,7 @@ class HostPool:
             raise
         finally:
             conn.last_used = time.monotonic()
+            local.query_info = getattr(conn.client, "last_query", None)
             with self._busy_lock:
                 self._busy.discard(conn)
             # A caught error leaves the driver disconnected: never pool a closed socket;
@@ -262,6 +270,15 @@ class HostPool:
             _release(fairy, ok and fresh and conn.connection.connected)
             if self._closed:  # returned while close() ran: make sure nothing stays pooled
                 self._pool.dispose()
+
+    def last_checkout(self) -> LastCheckout | None:
+        """This thread's latest connection from this pool: what the drop-in client's
+        ``connection`` and ``last_query`` show (see chresilient.client)."""
+        local = self._local
+        conn = getattr(local, "last", None)
+        if conn is None:
+            return None
+        return LastCheckout(local.sequence, conn, local.query_info)
 
     def _raise_if_closed(self, err: Exception) -> None:
         """After close(), a broken connection is close()'s doing (it shut the socket down);
@@ -424,4 +441,3 @@ def _release(fairy: PoolProxiedConnection, ok: bool) -> None:
     if not ok:
         fairy.invalidate()
     fairy.close()
-

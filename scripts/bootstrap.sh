@@ -46,5 +46,15 @@ if [ ! -x .venv/bin/python ]; then
     "$PYTHON" -m venv .venv
   fi
 fi
-echo "bootstrap: pip install -e .[test,dev,flask,sqlalchemy,progress,bench]" >&2
-.venv/bin/python -m pip install -q --disable-pip-version-check -e '.[test,dev,flask,sqlalchemy,progress,bench]'
+echo "bootstrap: pip install -e .[test,dev,flask,sqlalchemy,progress,bench,numpy]" >&2
+.venv/bin/python -m pip install -q --disable-pip-version-check \
+  -e '.[test,dev,flask,sqlalchemy,progress,bench,numpy]'
+
+# clickhouse-driver's own tests, from the source distribution of the installed version
+# (tests/integration/test_driver_suite.py runs them through chresilient.Client).
+version=$(.venv/bin/python -c 'import clickhouse_driver; print(clickhouse_driver.__version__)')
+if [ ! -f ".cache/driver-sdist/clickhouse_driver-$version.tar.gz" ]; then
+  echo "bootstrap: pip download clickhouse-driver==$version (source distribution)" >&2
+  .venv/bin/python -m pip download -q --disable-pip-version-check --no-deps \
+    --no-binary :all: -d .cache/driver-sdist "clickhouse-driver==$version"
+fi

@@ -28,6 +28,8 @@ from typing import Any
 from urllib.parse import quote
 from xml.sax.saxutils import escape
 
+from ..config import Config
+
 __all__ = ["DEFAULT_TESTER_PASSWORD", "LocalClickHouse", "LocalClickHouseError"]
 
 #: Default password of the ``tester`` user; deliberately full of URL/XML-special characters
@@ -526,6 +528,18 @@ class LocalClickHouse:
         from clickhouse_driver import Client
 
         return Client(_HOST, port=self._port, **kwargs)
+
+    def config(self, **changes: Any) -> Config:
+        """A chresilient Config for this server (``default`` user, its own spool directory
+        inside the server's, so tests never replay each other's batches); ``changes``
+        override any field."""
+        fields: dict[str, Any] = {
+            "host": _HOST,
+            "port": self._port,
+            "spool_dir": tempfile.mkdtemp(prefix="spool-", dir=self._base),
+        }
+        fields.update(changes)
+        return Config(**fields)
 
     def query(self, sql: str, timeout: float = 10.0) -> Any:
         """Run one query on a fresh connection (handy for assertions/setup)."""

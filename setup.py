@@ -29,6 +29,7 @@ setup(
         "sqlalchemy": ["clickhouse-sqlalchemy>=0.3,<0.4"],
         "progress": ["tqdm>=4.60,<5"],
         "numpy": ["clickhouse-driver[numpy]>=0.2.6,<0.3"],
+        "otel": ["opentelemetry-api>=1.20,<2"],
         # the pytest plugin (chresilient.testing.pytest_plugin): fixtures for outage tests
         "testing": ["pytest>=7.4,<10"],
         "test": [
@@ -42,6 +43,8 @@ setup(
             # clickhouse-driver's own tests (tests/integration/test_driver_suite.py)
             "clickhouse-driver[lz4,zstd]>=0.2.6,<0.3",
             "parameterized>=0.9,<1",
+            # spans read back in tests/unit/test_tracing.py and test_otel_spans.py
+            "opentelemetry-sdk>=1.20,<2",
         ],
         "bench": ["clickhouse-pool>=0.5.3,<0.6"],
         "dev": ["ruff>=0.5", "mypy>=1.8", "tox>=4,<5"],

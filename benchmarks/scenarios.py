@@ -25,6 +25,7 @@ from chresilient import (
     Config,
     ConnectionPoolConfig,
     RetryConfig,
+    tracing,
 )
 from chresilient.sqlalchemy import create_engine as chresilient_engine
 from chresilient.testing.server import LocalClickHouse
@@ -414,11 +415,70 @@ def _tcp_connections(client: Client) -> int:
     return int(rows[0][0])
 
 
+def tracing_cost(server: LocalClickHouse, size: Size) -> list[Row]:
+    """Scenario 7: what the OpenTelemetry hooks cost per SELECT 1, interleaved: turned off,
+    the default (opentelemetry-api installed, no TracerProvider), and an SDK provider
+    making spans that no exporter takes (chresilient.tracing.configure: nothing global)."""
+    from opentelemetry.sdk.trace import TracerProvider  # the test extra
+
+    bare = _bare(server)
+    mgr = ClickHouseConnectionManager(_config(server))
+    sdk = TracerProvider()
+
+    def with_tracing(**setup: Any) -> Callable[[], Any]:
+        def run() -> Any:
+            tracing.configure(**setup)
+            try:
+                return mgr.execute("SELECT 1")
+            finally:
+                tracing.configure()
+
+        return run
+
+    def bare_call() -> Any:
+        tracing.configure()  # the same bookkeeping as the others
+        return bare.execute("SELECT 1")
+
+    try:
+        timings = interleaved(
+            {
+                "bare driver Client": bare_call,
+                "chresilient, tracing off": with_tracing(enabled=False),
+                "chresilient, OTel API, no TracerProvider": with_tracing(),
+                "chresilient, SDK TracerProvider": with_tracing(provider=sdk),
+            },
+            size.select1_rounds,
+        )
+    finally:
+        tracing.configure()
+        mgr.close()
+        bare.disconnect()
+        sdk.shutdown()
+    base = timings["bare driver Client"].median
+    off = timings["chresilient, tracing off"].median
+    rows = []
+    for name, timing in timings.items():
+        extra = (timing.median - off) * 1e6
+        default = name == "chresilient, OTel API, no TracerProvider"
+        rows.append(Row(
+            scenario="7. tracing hooks: SELECT 1",
+            candidate=name,
+            figure=f"median {timing.median * 1e6:.0f} us",
+            ratio=timing.median / base,
+            target="within 2% of tracing off" if default else "",
+            met=(timing.median <= off * 1.02) if default else None,
+            note="" if name.startswith("bare") or name.endswith("off")
+            else f"{extra:+.0f} us vs tracing off",
+        ))
+    return rows
+
+
 SCENARIOS: list[Callable[[LocalClickHouse, Size], list[Row]]] = [
     per_call,
     concurrency,
     fail_fast,
     recovery,
     spool,
+    tracing_cost,
     startup_gate,  # last: it stops and restarts the server
 ]

@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Iterator, Mapping, Sequence
+from contextlib import AbstractContextManager
 from typing import Any, Callable, TypeVar
 
 from clickhouse_driver import Client as DriverClient
 from clickhouse_driver.connection import Connection
 from clickhouse_driver.util.helpers import parse_url
 
-from . import fork
+from . import fork, tracing
 from .config import Config
 from .connection import LastCheckout, PooledConnection, make_client
 from .driver_args import config_from_driver_args
@@ -129,7 +130,8 @@ class ResilientClient:
             )
 
         statement = self._statement(query, params, sets)
-        progress = ProgressResult(self.manager.open_executor().checkout(start, statement))
+        with self._traced(query):  # the span covers sending the query
+            progress = ProgressResult(self.manager.open_executor().checkout(start, statement))
         self._local.progress = progress
         return progress
 
@@ -266,10 +268,15 @@ class ResilientClient:
     ) -> T:
         """``run(driver_client, settings)`` on a pooled connection, as a call for ``query``."""
         sets = self._settings(settings)
-        return self.manager.open_executor().call(
-            lambda conn: run(conn.client, settings_for_server(sets, conn.features)),
-            self._statement(query, params, sets),
-        )
+        with self._traced(query):
+            return self.manager.open_executor().call(
+                lambda conn: run(conn.client, settings_for_server(sets, conn.features)),
+                self._statement(query, params, sets),
+            )
+
+    def _traced(self, query: str) -> AbstractContextManager[Any]:
+        cfg = self.manager.config
+        return tracing.call(query, cfg.database, cfg.trace_query_text)
 
     def _offline_client(self) -> DriverClient:
         """A driver client that never connects: parameter substitution, and the connection

@@ -14,6 +14,7 @@ from typing import Any, Callable, TypeVar
 from urllib.parse import quote
 
 from .config_values import (
+    DRIVER_OPTIONS,
     PORT,
     SECURE_PORT,
     AnalyticsTable,
@@ -34,22 +35,6 @@ from .config_values import (
 )
 from .errors import ConfigError
 
-# Keywords of clickhouse_driver's Connection that have no Config field of their own.
-DRIVER_OPTIONS = (
-    "certfile",
-    "check_hostname",
-    "ciphers",
-    "client_revision",
-    "compress_block_size",
-    "disable_reconnect",
-    "keyfile",
-    "keypass",
-    "server_hostname",
-    "settings_is_important",
-    "ssl_version",
-    "sync_request_timeout",
-    "tcp_keepalive",
-)
 LOAD_BALANCING = ("in_order", "round_robin", "random", "least_loaded")
 SPOOL_FULL_POLICIES = ("raise", "block", "drop_oldest")
 REDACTED = "***"
@@ -197,6 +182,9 @@ class Config:
     # Several hosts: a replica whose system.replicas absolute_delay (seconds, read by the
     # health monitor) exceeds this is used only when every host lags. None: not read.
     max_replica_delay: float | None = 300.0
+    # OpenTelemetry spans (chresilient.tracing) carry the query text as written (its
+    # placeholders, never parameter values) only when this is on.
+    trace_query_text: bool = False
 
     def __post_init__(self) -> None:
         for name in ("host", "user", "database", "client_name"):
@@ -252,6 +240,7 @@ class Config:
             f"must be one of {', '.join(SPOOL_FULL_POLICIES)}, got {self.spool_full_policy!r}",
         )
         check(isinstance(self.spool_enabled, bool), "spool_enabled", "must be a boolean")
+        check(isinstance(self.trace_query_text, bool), "trace_query_text", "must be a boolean")
         check(
             self.spool_dir is None or (isinstance(self.spool_dir, str) and bool(self.spool_dir)),
             "spool_dir",
@@ -360,6 +349,7 @@ _ENV_FOR_FIELD = {
     "schema_dir": "CLICKHOUSE_SCHEMA_DIR",
     "schema_timeout": "CLICKHOUSE_SCHEMA_TIMEOUT",
     "cluster": "CLICKHOUSE_CLUSTER",
+    "trace_query_text": "CLICKHOUSE_TRACE_QUERY_TEXT",
 }
 
 ENV_VARS = ("CLICKHOUSE_URL", *_ENV_FOR_FIELD.values())
@@ -417,6 +407,7 @@ def _config_from_env(cls: type[Config], env: Mapping[str, str]) -> Config:
         ("schema_dir", text),
         ("schema_timeout", parse_float),
         ("cluster", text),
+        ("trace_query_text", parse_bool),
     ):
         value = _env_value(env, _ENV_FOR_FIELD[name], parse)
         if value is not None:

@@ -20,6 +20,24 @@ HostPort = tuple[str, int]
 PORT, SECURE_PORT = 9000, 9440
 
 
+# Keywords of clickhouse_driver's Connection that have no Config field of their own.
+DRIVER_OPTIONS = (
+    "certfile",
+    "check_hostname",
+    "ciphers",
+    "client_revision",
+    "compress_block_size",
+    "disable_reconnect",
+    "keyfile",
+    "keypass",
+    "server_hostname",
+    "settings_is_important",
+    "ssl_version",
+    "sync_request_timeout",
+    "tcp_keepalive",
+)
+
+
 def check(cond: bool, name: str, problem: str) -> None:
     if not cond:
         raise ConfigError(name, problem)

@@ -14,7 +14,8 @@ from typing import Any
 
 from clickhouse_driver.connection import Connection
 
-from .config import DRIVER_OPTIONS, Config
+from .config import Config
+from .config_values import DRIVER_OPTIONS
 
 _CONNECTION = inspect.signature(Connection.__init__)
 

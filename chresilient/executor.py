@@ -18,6 +18,7 @@ from typing import Any, Callable, Generic, TypeVar
 
 import structlog
 
+from . import tracing
 from .breaker import Permit
 from .config import Config
 from .connection import PooledConnection
@@ -63,6 +64,7 @@ class Executor:
         closing: threading.Event,
     ) -> None:
         self.hosts = hosts
+        self.database, self.trace_query_text = cfg.database, cfg.trace_query_text
         self.selector = HostSelector(cfg.load_balancing)
         self.policy = RetryPolicy.from_config(cfg.retry)
         self.budget = RetryBudget(cfg.retry.budget_ratio, cfg.retry.budget_burst)
@@ -100,7 +102,8 @@ class Executor:
                     columnar=columnar,
                 )
 
-        return self.call_on_host(body, statement)
+        with tracing.call(query, self.database, self.trace_query_text):
+            return self.call_on_host(body, statement)
 
     def query_iter(
         self, query: str, params: Any, settings: dict[str, Any] | None, **driver_kwargs: Any
@@ -112,7 +115,18 @@ class Executor:
             return iter(conn.client.execute_iter(query, params, settings=sets, **driver_kwargs))
 
         refuse_session_change(query_verb(query), query)
-        return self.stream(start, Statement(is_write=is_write_query(query, params)))
+        statement = Statement(is_write=is_write_query(query, params))
+        if tracing.current() is not None or not tracing.enabled():
+            return self.stream(start, statement)
+        span = tracing.start(query, self.database, self.trace_query_text)
+        try:
+            with tracing.joined(span):
+                rows = self.stream(start, statement)
+        except BaseException as exc:
+            tracing.failed(span, exc)
+            span.end()
+            raise
+        return tracing.stream(rows, span)
 
     def call(
         self,
@@ -159,13 +173,20 @@ class Executor:
                 deadline=deadline,
                 stats=stats,
                 failover=failover,
+                on_retry=tracing.retry,
             )
         except BaseException as exc:
+            if tried:
+                tracing.breaker(tried[-1].breaker.state.value)
+            elif isinstance(exc, CircuitOpenError):
+                tracing.breaker("open")
             metrics.observe_duration(time.perf_counter() - started)
             metrics.incr("retry_attempts", stats.retries)
             metrics.error(classify(exc).value)
             raise
         metrics.observe_duration(time.perf_counter() - started)
+        if tracing.current() is not None:
+            tracing.breaker(tried[-1].breaker.state.value)
         if stats.retries:
             metrics.incr("retry_attempts", stats.retries)
         return result
@@ -253,6 +274,7 @@ class Executor:
             self.metrics.incr("failovers_total")
             log.info("clickhouse_failover", from_host=tried[-1].label, to_host=host.label)
         tried.append(host)
+        tracing.attempt(host.pool.address)
         try:
             result = body(host, timeout, deadline)
         except BaseException as exc:

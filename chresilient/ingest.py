@@ -20,6 +20,7 @@ from typing import Any, Callable
 import structlog
 from clickhouse_driver import errors as driver_errors
 
+from . import tracing
 from .delivery import DeliveryGuarantees
 from .errors import (
     ChResilientError,
@@ -196,6 +197,17 @@ class Inserter:
         _offset: int = 0,
     ) -> InsertResult:
         table_sql = quote_table(table)
+        with tracing.call(f"INSERT INTO {table_sql}", None):
+            return self._insert(table_sql, rows, column_names, settings, _offset)
+
+    def _insert(
+        self,
+        table_sql: str,
+        rows: Iterable[Any],
+        column_names: Sequence[str] | None,
+        settings: Mapping[str, Any] | None,
+        _offset: int,
+    ) -> InsertResult:
         batch, names = shape_rows(rows, column_names, offset=_offset)
         batch_id = str((settings or {}).get(DEDUP_SETTING) or uuid.uuid4().hex)
         if not batch:
@@ -260,6 +272,7 @@ class Inserter:
                 clickhouse_error=err,
             ) from spool_err
         self.spool.replayer.spooled()
+        tracing.spooled()
         if not self.spool.replayer.running and not self._warned_not_running:
             self._warned_not_running = True
             log.warning(

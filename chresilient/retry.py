@@ -181,6 +181,7 @@ def call_with_retry(
     deadline: Deadline | None = None,
     stats: CallStats | None = None,
     failover: Callable[[], bool] | None = None,
+    on_retry: Callable[[int, BaseException, float], None] | None = None,
 ) -> T:
     """Run ``attempt(timeout)`` until it succeeds or ``policy`` no longer allows a retry.
 
@@ -191,6 +192,7 @@ def call_with_retry(
     ``sleep(seconds)`` returns False when waiting was interrupted (the client closes).
     ``failover()`` says whether the next attempt goes to a host this call has not tried;
     then the wait is at most :data:`FAILOVER_MAX_DELAY` instead of the full backoff.
+    ``on_retry(attempt, error, delay)`` hears of each retry before its wait (tracing).
     """
     what = statement.what
     stats = stats if stats is not None else CallStats()
@@ -228,6 +230,8 @@ def call_with_retry(
                 delay = min(delay, FAILOVER_MAX_DELAY)
             delay = min(delay, max(deadline.remaining(), 0.0))
             stats.retries += 1
+            if on_retry is not None:
+                on_retry(stats.attempts, exc, delay)
             log.info(
                 "retrying",
                 what=what,

@@ -13,7 +13,7 @@ def test_quick_benchmark_run_writes_a_complete_table(tmp_path: Path) -> None:
     text = output.read_text()
     for scenario in ("1. per call: SELECT 1", "1. per call: 10,000-row select",
                      "2. concurrency", "3. fail fast", "4. recovery", "5. startup gate",
-                     "6. spool"):
+                     "6. spool", "7. tracing hooks: SELECT 1"):
         assert scenario in text
     for candidate in ("bare driver Client", "chresilient", "clickhouse-pool",
                       "SQLAlchemy native, pool_pre_ping", "chresilient.sqlalchemy engine"):

@@ -30,6 +30,7 @@ setup(
         "progress": ["tqdm>=4.60,<5"],
         "numpy": ["clickhouse-driver[numpy]>=0.2.6,<0.3"],
         "otel": ["opentelemetry-api>=1.20,<2"],
+        "django": ["Django>=4.2,<6"],
         # the pytest plugin (chresilient.testing.pytest_plugin): fixtures for outage tests
         "testing": ["pytest>=7.4,<10"],
         "test": [
@@ -45,6 +46,7 @@ setup(
             "parameterized>=0.9,<1",
             # spans read back in tests/unit/test_tracing.py and test_otel_spans.py
             "opentelemetry-sdk>=1.20,<2",
+            "pytest-django>=4.5,<5",  # tests/django_project
         ],
         "bench": ["clickhouse-pool>=0.5.3,<0.6"],
         "dev": ["ruff>=0.5", "mypy>=1.8", "tox>=4,<5"],

@@ -48,6 +48,9 @@ def _configure_logging(level: str) -> None:
 
 
 def _config(args: argparse.Namespace) -> Config:
+    given: Config | None = getattr(args, "config", None)  # main(config=...): Django
+    if given is not None and not args.url:
+        return given
     return Config.from_url(args.url) if args.url else Config.from_env()
 
 
@@ -251,8 +254,12 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:
+def main(
+    argv: Sequence[str] | None = None, out: TextIO | None = None, config: Config | None = None
+) -> int:
+    """The command line; ``config`` replaces the environment (``--url`` still wins)."""
     args = build_parser().parse_args(argv)
+    args.config = config
     level = args.log_level
     if getattr(args, "log_level_min", None) == "info" and level == "warning":
         level = "info"  # wait shows its progress by default

@@ -46,9 +46,9 @@ if [ ! -x .venv/bin/python ]; then
     "$PYTHON" -m venv .venv
   fi
 fi
-echo "bootstrap: pip install -e .[test,dev,flask,sqlalchemy,progress,bench,numpy,otel]" >&2
+echo "bootstrap: pip install -e .[test,dev,flask,sqlalchemy,progress,bench,numpy,otel,django]" >&2
 .venv/bin/python -m pip install -q --disable-pip-version-check \
-  -e '.[test,dev,flask,sqlalchemy,progress,bench,numpy,otel]'
+  -e '.[test,dev,flask,sqlalchemy,progress,bench,numpy,otel,django]'
 
 # clickhouse-driver's own tests, from the source distribution of the installed version
 # (tests/integration/test_driver_suite.py runs them through chresilient.Client).

@@ -147,9 +147,10 @@ class RetryBudget:
 class Deadline:
     """An overall time limit measured on the monotonic clock."""
 
-    __slots__ = ("expires",)
+    __slots__ = ("expires", "seconds")
 
     def __init__(self, seconds: float | None) -> None:
+        self.seconds = seconds  # as given: what an error message should say
         self.expires = None if seconds is None else time.monotonic() + seconds
 
     def remaining(self) -> float:

@@ -58,8 +58,18 @@ DDL = Statement(is_write=True, deduplicated=True, what="schema statement")
 # Between two attempts while ClickHouse is unavailable, and between two looks at the lock.
 STEP = 0.25
 # DUPLICATE_COLUMN, TABLE_ALREADY_EXISTS, DATABASE_ALREADY_EXISTS: what the statement
-# would make is there already.
+# would make is there already. 18.16 answers an ADD COLUMN of an existing column with
+# ILLEGAL_COLUMN (44) "... column with this name already exists"; 44 means other things too,
+# so for it the message decides.
 ALREADY_THERE = frozenset({15, 57, 82})
+ILLEGAL_COLUMN = 44
+
+
+def already_there(err: BaseException) -> bool:
+    code = server_code(err)
+    if code == ILLEGAL_COLUMN:
+        return "already exists" in str(getattr(err, "message", ""))
+    return code in ALREADY_THERE
 
 
 @dataclass(frozen=True)
@@ -276,13 +286,13 @@ class Schema:
                 if deadline.remaining() <= STEP:
                     where = statement.where() if statement else "the schema record"
                     raise StartupTimeoutError(
-                        f"schema not applied within {self._cfg.schema_timeout:.0f}s, at "
+                        f"schema not applied within {deadline.seconds or 0:g}s, at "
                         f"{where}: {describe(err)}",
                         last_error=err,
                     ) from err
                 time.sleep(STEP)
             except Exception as err:
-                if statement is not None and server_code(err) in ALREADY_THERE:
+                if statement is not None and already_there(err):
                     # Applied before its file was recorded (a process died in between, or
                     # an older server without IF NOT EXISTS for this statement).
                     log.info("schema_statement_already_applied", at=statement.where())

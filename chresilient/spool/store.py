@@ -61,8 +61,9 @@ class SpoolStore:
     """The SQLite spool of one directory, seen from one :class:`Target`.
 
     Only batches of a matching target are claimed, so two applications sharing a
-    directory never replay into each other's ClickHouse. The size limit covers the whole
-    directory. Thread-safe; safe after ``fork()``. A directory that cannot be written
+    directory never replay into each other's ClickHouse. The size limit bounds the batches
+    stored in the directory, every target's together (the files take a little more).
+    Thread-safe; safe after ``fork()``. A directory that cannot be written
     does not stop construction: :attr:`state` says ``unwritable`` or ``full`` and every
     write raises a :class:`SpoolError` naming the problem, until it is fixed.
     """

@@ -160,14 +160,23 @@ class LocalCluster:
         return self
 
     def create_replicated(
-        self, table: str, columns: str, *, order_by: str, database: str = "default"
+        self,
+        table: str,
+        columns: str,
+        *,
+        order_by: str,
+        database: str = "default",
+        settings: str = "",
     ) -> None:
-        """The same ReplicatedMergeTree table on every replica (one ZooKeeper path)."""
+        """The same ReplicatedMergeTree table on every replica (one ZooKeeper path);
+        ``settings``: the table's SETTINGS clause, e.g. ``replicated_deduplication_window =
+        10000``."""
+        clause = f" SETTINGS {settings}" if settings else ""
         for replica in self.replicas:
             replica.query(
                 f"CREATE TABLE IF NOT EXISTS {database}.{table} ({columns}) "
                 f"ENGINE = ReplicatedMergeTree('/clickhouse/tables/{{shard}}/{database}.{table}', "
-                f"'{{replica}}') ORDER BY {order_by}"
+                f"'{{replica}}') ORDER BY {order_by}{clause}"
             )
 
     def cleanup(self) -> None:

@@ -3,24 +3,28 @@
 from __future__ import annotations
 
 import json
+import threading
 import time
 import uuid
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import pytest
 from clickhouse_driver import Client
-from helpers import make_config, subprocess_env
+from helpers import make_config, subprocess_env, wait_until
 from test_cli import run_cli
 
 from chresilient import (
+    CircuitBreakerConfig,
     ClickHouseConnectionManager,
     ClickHouseUnavailableError,
+    ConnectFailedError,
     ConnectionPoolConfig,
     RetryConfig,
     StartupError,
     StartupTimeoutError,
 )
+from chresilient.events import Event
 from chresilient.testing.faultproxy import FaultProxy
 
 
@@ -194,3 +198,72 @@ def test_register_collector_exposes_the_manager_in_a_registry(clickhouse: Any) -
         register_collector(mgr, registry)
         text = generate_latest(registry).decode()
     assert "chresilient_queries_total" in text and "chresilient_spool_usable 1.0" in text
+
+
+def test_the_core_publishes_its_events_to_listeners(
+    clickhouse: Any, fault_proxy: FaultProxy
+) -> None:
+    """docs/architecture.md, "Events": payloads, and listeners run after the core released
+    its locks (a listener reading the breaker from another thread is not blocked)."""
+    cfg = make_config(
+        fault_proxy,
+        auth=clickhouse,
+        retry=RetryConfig(max_attempts=1, timeout_per_attempt=3.0, total_timeout=5.0),
+        breaker=CircuitBreakerConfig(
+            failure_threshold=1, recovery_timeout=0.2, half_open_max_calls=1
+        ),
+        spool_enabled=False,
+        # The monitor probes only when the breaker opens (it is woken), not on its own
+        # cadence during the test: every event below comes from the calls made here.
+        pool=ConnectionPoolConfig(health_check_interval=600.0),
+    )
+    seen: list[tuple[Event, dict[str, Any]]] = []
+    unlocked: list[bool] = []
+
+    def listener(event: Event) -> Callable[..., None]:
+        def record(**payload: Any) -> None:
+            if event is Event.CLOSING:  # the pools and the monitor are still there
+                idle = mgr.hosts[0].pool.status()["idle"]
+                payload = {"idle": idle, "monitor": mgr.monitor.running}
+            reader = threading.Thread(target=lambda: mgr.hosts[0].breaker.state)
+            reader.start()
+            reader.join(5)
+            unlocked.append(not reader.is_alive())
+            seen.append((event, payload))
+
+        return record
+
+    mgr = ClickHouseConnectionManager(cfg)
+    try:
+        for event in Event:
+            if event not in (Event.PROBED, Event.RECOVERED):  # the monitor's own cadence
+                mgr.events.listen(event, listener(event))
+        mgr.start(wait=True, timeout=10)
+        label = mgr.hosts[0].label
+        seen.clear()
+        assert mgr.execute("SELECT 1") == [(1,)]
+        assert seen == [(Event.CALL_SUCCEEDED, {"host": label})]
+        seen.clear()
+        fault_proxy.refuse()
+        fault_proxy.reset_active()
+        with pytest.raises(ClickHouseUnavailableError):
+            mgr.execute("SELECT 1")
+        kinds = [event for event, _ in seen]
+        assert kinds == [Event.BREAKER_OPENED, Event.CALL_FAILED], kinds
+        assert seen[0][1] == {"host": label}
+        failed = seen[1][1]
+        assert failed["host"] == label and isinstance(failed["error"], ConnectFailedError)
+        seen.clear()
+        fault_proxy.pass_through()
+        wait_until(
+            lambda: (Event.BREAKER_CLOSED, {"host": label}) in seen,
+            timeout=15,
+            what="the breaker to close",
+        )
+        seen.clear()
+        mgr.close()
+        assert seen == [(Event.CLOSING, {"idle": 1, "monitor": True})]
+        assert mgr.hosts[0].pool.status()["idle"] == 0 and not mgr.monitor.running
+        assert unlocked and all(unlocked)
+    finally:
+        mgr.close()

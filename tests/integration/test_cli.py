@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+import uuid
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -16,6 +17,8 @@ from typing import Any
 import pytest
 from helpers import free_port, wait_until
 from helpers import subprocess_env as _env
+
+from chresilient.testing.http import request
 
 VERBS = ("wait", "check", "health", "metrics", "spool", "schema", "serve")
 
@@ -89,6 +92,16 @@ def test_wrong_password_exits_3_for_every_subcommand(
     assert result.returncode == 3, (result.returncode, result.stderr[-500:])
     assert "CLICKHOUSE_PASSWORD" in result.stderr + result.stdout  # the advice
     assert secret not in result.stderr + result.stdout
+
+
+def test_an_unknown_user_exits_3_at_once(clickhouse: Any, tmp_path: Path) -> None:
+    user = f"nobody_{uuid.uuid4().hex[:8]}"
+    env = _env(clickhouse, tmp_path, CLICKHOUSE_USER=user, CLICKHOUSE_PASSWORD="")
+    started = time.monotonic()
+    result = run_cli(["wait", "--timeout", "60"], env, timeout=120)
+    assert result.returncode == 3, (result.returncode, result.stderr[-500:])
+    assert time.monotonic() - started < 60  # not the wait's timeout: waiting cannot fix it
+    assert "authentication" in result.stderr and "CLICKHOUSE_USER" in result.stderr
 
 
 def test_check_reports_a_down_server_within_seconds(tmp_path: Path) -> None:
@@ -170,7 +183,7 @@ def test_serve_answers_http_and_stops_on_sigterm(clickhouse: Any, tmp_path: Path
     port = free_port()
     proc = subprocess.Popen(
         [sys.executable, "-m", "chresilient", "serve", "--port", str(port)],
-        env=_env(clickhouse, tmp_path),
+        env=_env(clickhouse, tmp_path, CHRESILIENT_RECONNECT_TOKEN="s1decar-token"),
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -189,6 +202,12 @@ def test_serve_answers_http_and_stops_on_sigterm(clickhouse: Any, tmp_path: Path
         wait_until(answers, timeout=30, what="the sidecar to answer")
         with urllib.request.urlopen(url, timeout=5) as response:
             assert json.loads(response.read())["status"] in ("healthy", "degraded")
+        # CHRESILIENT_RECONNECT_TOKEN enables POST /reconnect, behind that bearer token.
+        reconnect = url + "/reconnect"
+        ok = request(reconnect, "POST", {"Authorization": "Bearer s1decar-token"})
+        assert ok.status == 200 and ok.json()["reconnected"] is True
+        assert request(reconnect, "POST").status == 401
+        assert request(reconnect, "POST", {"Authorization": "Bearer wrong"}).status == 401
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=10) == 0
     finally:

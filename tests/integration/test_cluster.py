@@ -11,6 +11,7 @@ Replicated tables with a ZooKeeper ensemble, which is not available here. The re
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 from collections.abc import Iterator
@@ -34,6 +35,7 @@ from chresilient.prometheus import exposition
 from chresilient.retry import FAILOVER_MAX_DELAY, RetryPolicy, call_with_retry
 from chresilient.server import read_replica_delay
 from chresilient.statement import Statement
+from chresilient.testing.faultproxy import FaultProxy
 from chresilient.testing.server import LocalClickHouse
 
 INTERVAL = 0.4  # health_check_interval of the failover tests
@@ -315,6 +317,17 @@ def test_killed_host_under_load_fails_over_and_gets_traffic_back(
             victim.kill()
             wait_until(lambda: host.breaker.state is CircuitState.OPEN, timeout=10)
             opened = time.monotonic() - killed
+            # Serving, but degraded: the breaker, then the monitor's failed probe, named.
+            wait_until(
+                lambda: any(
+                    r.startswith(f"{host.label}: probe failed") for r in mgr.health()["reasons"]
+                ),
+                timeout=10,
+                what="the monitor's probe of the dead host to fail",
+            )
+            health = mgr.health()
+            assert health["status"] == "degraded", health["reasons"]
+            assert f"{host.label}: circuit breaker open" in health["reasons"]
             # Traffic moves to the others: nothing more reaches the dead host.
             moved = next_calls(mgr)
             assert moved[host.label] == 0, moved
@@ -434,9 +447,26 @@ def test_insert_fails_over_when_nothing_was_sent_or_it_is_deduplicated(
         assert rows == [(1,), (2,)]
     finally:
         mgr.close()
+    # A replica dying while an INSERT is on the wire: its outcome is unknown, so without a
+    # dedup token it does not go to the other replica but to the spool.
+    with contextlib.closing(FaultProxy((cluster[1].host, cluster[1].port))) as proxy:
+        proxy.start()
+        cfg = make_config(proxy, alt_hosts=((cluster[2].host, cluster[2].port),))
+        with ClickHouseConnectionManager(cfg) as cut:
+            assert cut.execute("SELECT 1") == [(1,)]
+            other = cut.hosts[1]
+            proxy.reset(after_bytes=4096)
+            result = cut.insert("t", [(n,) for n in range(100, 20_100)], ["x"])
+            assert result.spooled and not result.delivered
+            assert other.queries_total == 0 and cut.metrics()["failovers_total"] == 0
+    third = fast_client(cluster[2].host, cluster[2].port)
+    assert third.execute("SELECT count() FROM t") == [(0,)]
 
 
-def test_replica_delay_is_read_from_system_replicas(cluster: list[LocalClickHouse]) -> None:
+def test_replica_delay_is_read_from_system_replicas(
+    cluster: list[LocalClickHouse], monkeypatch: pytest.MonkeyPatch, tmp_path: Any
+) -> None:
+    monkeypatch.setenv("DOCKER_HOST", f"unix://{tmp_path}/no-docker.sock")
     server = cluster[0]
     client = fast_client(server.host, server.port)
     assert read_replica_delay(label(server), client) == 0.0  # no replicated tables
@@ -449,6 +479,11 @@ def test_replica_delay_is_read_from_system_replicas(cluster: list[LocalClickHous
         health = mgr.health()
         assert all(r["replica_delay"] == 0.0 for r in health["probe"]["hosts"].values())
         assert all(h["lagging"] is False for h in health["hosts"].values())
+        # The dependency report: one entry per check and host.
+        report = mgr.validate_service_dependencies(timeout=60)
+        tcp = [c for c in report["checks"] if c["name"] == "tcp"]
+        assert sorted(c["host"] for c in tcp) == sorted(label(s) for s in cluster)
+        assert all(c["status"] == "passed" for c in tcp)
     finally:
         mgr.close()
     off = ClickHouseConnectionManager(cluster_config(cluster, max_replica_delay=None))

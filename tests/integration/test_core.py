@@ -229,8 +229,13 @@ def test_forked_child_uses_its_own_sockets_and_leaves_the_parents(clickhouse: An
             try:
                 os.close(read_end)
                 rows = mgr.execute("SELECT 42")
-                report = {"rows": rows, "port": _local_port(mgr),
-                          "monitor": mgr.monitor.running}
+                assert mgr.spool is not None
+                report = {
+                    "rows": rows,
+                    "port": _local_port(mgr),
+                    "monitor": mgr.monitor.running,
+                    "replayer": mgr.spool.replayer.running,
+                }
                 mgr.close()
                 os.write(write_end, json.dumps(report).encode())
                 code = 0
@@ -244,6 +249,7 @@ def test_forked_child_uses_its_own_sockets_and_leaves_the_parents(clickhouse: An
         assert report["rows"] == [[42]]
         assert report["port"] != parent_port  # a socket of its own
         assert report["monitor"]  # the child's health monitor runs
+        assert report["replayer"]  # and its spool replayer
         # The parent's pooled socket survived the child's close() and exit.
         assert mgr.execute("SELECT 7") == [(7,)]
         assert _local_port(mgr) == parent_port

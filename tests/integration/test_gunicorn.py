@@ -185,7 +185,22 @@ def test_gunicorn_preload_workers_through_an_outage(clickhouse_server: Any, tmp_
             timeout=30,
             what="the summed inserted rows",
         )
+        # Rows spooled during the outage, by whichever workers, were all replayed (by
+        # whichever workers), and the shared spool is empty.
+        prefix = "chresilient_all_processes_spool_rows"
+
+        def drained(totals: dict[str, float]) -> bool:
+            written = totals[f"{prefix}_written_total"]
+            replayed = totals[f"{prefix}_replayed_total"]
+            pending = totals["chresilient_all_processes_spool_pending_rows"]
+            return written > 0 and replayed == written and pending == 0
+
+        wait_until(lambda: drained(_totals(base)), timeout=30, what="the summed spool counts")
         totals = _totals(base)
+        assert totals["chresilient_all_processes_spool_dropped_rows_total"] == 0
+        assert totals["chresilient_all_processes_retry_attempts_total"] > 0  # the outage
+        for name in ("query_errors_total", "checked_out_connections"):
+            assert f"chresilient_all_processes_{name}" in totals, name
         assert totals["chresilient_all_processes_healthy"] >= WORKERS
         summed = totals["chresilient_all_processes_queries_total"]
         assert summed > totals["chresilient_queries_total"]  # more than the answering worker

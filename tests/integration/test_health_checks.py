@@ -246,8 +246,10 @@ def test_container_health_from_a_docker_socket(
 
 # -- analytics consistency --------------------------------------------------------------
 def test_consistency_reports_missing_and_mismatched_tables_by_name(
-    clickhouse: Any, tables: dict[str, str]
+    clickhouse: Any, client: Any, tables: dict[str, str]
 ) -> None:
+    # An extra column is listed, and is not a problem.
+    client.execute(f"ALTER TABLE {quote_identifier(tables['good'])} ADD COLUMN x UInt8")
     cfg_changes = dict(
         analytics_tables=expected_tables(tables), analytics_probe_table=tables["probe"]
     )
@@ -258,6 +260,7 @@ def test_consistency_reports_missing_and_mismatched_tables_by_name(
     assert report["overall_consistent"] is False
     good, log, missing = (found[tables[k]] for k in ("good", "log", "missing"))
     assert good["consistent"] and good["read"]["ok"] and good["problems"] == []
+    assert good["extra_columns"] == ["x"]
     assert missing["exists"] is False and missing["problems"] == ["table is missing"]
     assert log["type_mismatches"] == [{"column": "id", "expected": "UInt64", "actual": "UInt32"}]
     assert log["missing_columns"] == ["ts"]
@@ -270,12 +273,20 @@ def test_consistency_reports_missing_and_mismatched_tables_by_name(
 
 
 def test_consistency_passes_and_write_probe_needs_permission(
-    clickhouse: Any, tables: dict[str, str]
+    clickhouse: Any, client: Any, tables: dict[str, str]
 ) -> None:
     good = expected_tables(tables)[:1]
     with manager(clickhouse, analytics_tables=good, analytics_probe_table=tables["probe"]) as mgr:
         report = mgr.ensure_analytics_consistency()
     assert report["overall_consistent"] is True, report["problems"]
+    # analytics_probe_table=None: no write probe, and no table made for it.
+    listed = "SELECT name FROM system.tables WHERE database = currentDatabase() ORDER BY name"
+    before = client.execute(listed)
+    with manager(clickhouse, analytics_tables=good, analytics_probe_table=None) as mgr:
+        report = mgr.ensure_analytics_consistency()
+    assert report["write_probe"] == {"status": "not_verifiable", "reason": "write probe disabled"}
+    assert report["overall_consistent"] is True
+    assert client.execute(listed) == before
     # Read-only session: reading works, the probe table cannot be created or written.
     probe = tables["probe"] + "_ro"
     with manager(

@@ -4,26 +4,40 @@ from __future__ import annotations
 
 import json
 import logging
+import select
 import socket
+import subprocess
+import sys
 import threading
 import time
+from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
 import pytest
 import structlog
+from clickhouse_driver.errors import ServerException
 from flask import Flask
-from helpers import ConnectionCounter, make_config, tcp_connections, wait_until
+from helpers import (
+    ConnectionCounter,
+    free_port,
+    make_config,
+    subprocess_env,
+    tcp_connections,
+    wait_until,
+)
 from prometheus_client.parser import text_string_to_metric_families
 
 from chresilient import (
     AnalyticsTable,
+    CircuitState,
     ClickHouseConnectionManager,
     ConnectionPoolConfig,
     StartupError,
     health_wsgi_app,
 )
 from chresilient.contrib.flask import init_app, manager_for
+from chresilient.testing.faultproxy import FaultProxy
 from chresilient.testing.http import request as call
 from chresilient.testing.http import serve_wsgi as serve
 
@@ -84,8 +98,16 @@ def test_routes_status_codes_and_content_types(mgr: Any) -> None:
             again = call(url + BASE + "/dependencies?refresh=1").json()
             assert again["checked_at"] == fresh["checked_at"]
         assert cache.runs_total == runs + 1
+        # Without ?refresh=1 a report is reused (for 30 s): no new run.
+        reused = call(url + BASE + "/dependencies").json()
+        assert reused["checked_at"] == fresh["checked_at"] and cache.runs_total == runs + 1
         analytics = call(url + BASE + "/analytics")
         assert analytics.status == 200 and analytics.json()["overall_consistent"] is True
+        consistency = mgr.monitor.consistency
+        checks = consistency.runs_total
+        again = call(url + BASE + "/analytics").json()
+        assert again["checked_at"] == analytics.json()["checked_at"]
+        assert consistency.runs_total == checks
         assert call(url + "/nope").status == 404
         assert call(url + BASE + "/nope").status == 404
         wrong = call(url + BASE, method="POST")
@@ -150,15 +172,15 @@ def test_metrics_json_and_prometheus(
         prom = call(url + BASE + "/metrics?format=prometheus")
         assert prom.status == 200 and prom.headers["Content-Type"].startswith("text/plain")
         families = {f.name: f for f in text_string_to_metric_families(prom.text)}
-        for name in (
-            "chresilient_queries",
-            "chresilient_query_duration_seconds",
-            "chresilient_circuit_breaker_state",
-            "chresilient_pool_connections",
-            "chresilient_spool_pending_rows",
-            "chresilient_health_probe_up",
-        ):
+        # Every family docs/health.md lists, with its labels.
+        for name, labels in DOCUMENTED_FAMILIES.items():
             assert name in families, name
+            samples = [s for s in families[name].samples if not s.name.endswith(("_bucket",))]
+            assert samples, name
+            for sample in samples:
+                assert set(sample.labels) == labels, (name, sample.labels)
+        states = {s.labels["state"] for s in families["chresilient_connection_state"].samples}
+        assert {"connecting", "healthy", "degraded", "unhealthy"} <= states
         value = {s.name: s.value for f in families.values() for s in f.samples if not s.labels}
         assert value["chresilient_queries_total"] == 5
         assert value["chresilient_query_duration_seconds_count"] == 5
@@ -167,10 +189,44 @@ def test_metrics_json_and_prometheus(
         assert breaker.value == 0 and breaker.labels["host"] == mgr.hosts[0].label
         by_accept = call(url + BASE + "/metrics", headers={"Accept": "text/plain"})
         assert by_accept.headers["Content-Type"].startswith("text/plain")
+        with pytest.raises(ServerException):
+            mgr.execute("SELEC 1")  # a failed query: query_errors_total{kind}
+        after = {f.name: f for f in text_string_to_metric_families(by_accept_text(url))}
+        (error,) = after["chresilient_query_errors"].samples
+        assert error.labels == {"kind": "deterministic"} and error.value == 1
         # gunicorn multiprocess mode: the app's shared metrics plus this worker's, by pid.
         monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", str(tmp_path))
         multi = call(url + BASE + "/metrics?format=prometheus").text
         assert 'chresilient_queries_total{pid="' in multi
+
+
+# docs/health.md, "Prometheus": family -> its labels (one host; several-host series too).
+DOCUMENTED_FAMILIES: dict[str, set[str]] = {
+    "chresilient_queries": set(),
+    "chresilient_retry_attempts": set(),
+    "chresilient_query_duration_seconds": set(),
+    "chresilient_circuit_breaker_state": {"host"},
+    "chresilient_circuit_breaker_opens": {"host"},
+    "chresilient_pool_connections": {"host", "state"},
+    "chresilient_pool_overflow_connections": {"host"},
+    "chresilient_pool_checkouts": {"host", "result"},
+    "chresilient_connection_attempts": {"host", "outcome"},
+    "chresilient_pool_discarded": {"host", "reason"},
+    "chresilient_connection_state": {"state"},
+    "chresilient_health_probe_up": {"host"},
+    "chresilient_health_probe_duration_seconds": {"host"},
+    "chresilient_spool_pending_rows": set(),
+    "chresilient_spool_pending_batches": set(),
+    "chresilient_host_queries": {"host"},
+    "chresilient_host_query_errors": {"host"},
+    "chresilient_replica_delay_seconds": {"host"},
+    "chresilient_replica_lagging": {"host"},
+    "chresilient_failovers": set(),
+}
+
+
+def by_accept_text(url: str) -> str:
+    return call(url + BASE + "/metrics", headers={"Accept": "text/plain"}).text
 
 
 def test_reconnect_needs_the_bearer_token(mgr: Any) -> None:
@@ -184,9 +240,13 @@ def test_reconnect_needs_the_bearer_token(mgr: Any) -> None:
         wrong = call(endpoint, method="POST", headers={"Authorization": "Bearer nope"})
         assert wrong.status == 401
         old_pool = mgr.hosts[0].pool.queue_pool
+        breaker = mgr.hosts[0].breaker
+        breaker.force_open()
+        assert breaker.state is CircuitState.OPEN
         ok = call(endpoint, method="POST", headers={"Authorization": f"Bearer {TOKEN}"})
         assert ok.status == 200 and ok.json()["reconnected"] is True
         assert mgr.hosts[0].pool.queue_pool is not old_pool  # a fresh pool
+        assert breaker.state is CircuitState.CLOSED  # breakers reset
         # Concurrent requests all answer (that they share one run: the next test).
         replies: list[Any] = []
         threads = [
@@ -392,6 +452,52 @@ def test_reconnect_token_bytes_and_file_newline(mgr: Any) -> None:
         assert _post_raw(url, path, token.encode("utf-8") + b"x") == 401
 
 
+def test_an_unreachable_server_fails_dependencies_and_reconnect_with_503(
+    clickhouse: Any,
+) -> None:
+    down = ClickHouseConnectionManager(make_config(clickhouse, port=free_port()))
+    try:
+        with serve(health_wsgi_app(down, reconnect_token=TOKEN)) as url:
+            deps = call(url + BASE + "/dependencies")
+            report = deps.json()
+            assert deps.status == 503 and report["overall_status"] == "failed"
+            assert "tcp" in report["failed_checks"]
+            auth = {"Authorization": f"Bearer {TOKEN}"}
+            reply = call(url + BASE + "/reconnect", method="POST", headers=auth)
+            assert reply.status == 503 and reply.json()["reconnected"] is False
+            (host,) = reply.json()["hosts"].values()
+            assert host["ok"] is False and host["error"]
+    finally:
+        down.close()
+
+
+def test_a_check_still_running_when_the_request_stops_waiting_is_504(
+    clickhouse: Any, fault_proxy: FaultProxy
+) -> None:
+    # The handshake check waits on a server that accepts and never answers (5 s); the
+    # request waits 0.3 s for it.
+    mgr = ClickHouseConnectionManager(
+        make_config(fault_proxy, auth=clickhouse, health_probe_timeout=5.0)
+    )
+
+    class Source:
+        """The manager, with a short wait for checks."""
+
+        check_timeout = 0.3
+
+        def __getattr__(self, name: str) -> Any:
+            return getattr(mgr, name)
+
+    fault_proxy.blackhole()
+    try:
+        with serve(health_wsgi_app(Source())) as url:
+            reply = call(url + BASE + "/dependencies")
+            assert reply.status == 504 and "still running" in reply.json()["error"]
+            assert mgr.monitor.dependencies.running  # the run goes on; a later request gets it
+    finally:
+        mgr.close()
+
+
 def test_reconnect_on_a_closed_manager_is_503(clickhouse: Any) -> None:
     closed = ClickHouseConnectionManager(make_config(clickhouse))
     closed.close()
@@ -474,3 +580,94 @@ def test_concurrent_reconnect_requests_share_one_run(mgr: Any) -> None:
     assert [r.status for r in replies] == [200] * 4
     assert len(runs) == 1  # one reconnect served all four
     assert len({json.dumps(r.json(), sort_keys=True) for r in replies}) == 1
+
+
+# A worker of a multiprocess deployment (gunicorn): the application's own counter, a
+# manager, and a scrape answered on request ("scrape <path>" on stdin).
+WORKER = """
+import sys
+from prometheus_client import Counter
+from chresilient import ClickHouseConnectionManager, Config
+from chresilient.observability.prometheus import exposition
+
+calls = int(sys.argv[1])
+Counter("app_events", "Events the application took.").inc(calls)
+with ClickHouseConnectionManager(Config.from_env()) as mgr:
+    for _ in range(calls):
+        mgr.execute("SELECT 1")
+    exposition(mgr)  # each scrape a process answers publishes its totals
+    print("ready", flush=True)
+    for line in sys.stdin:
+        command, _, path = line.strip().partition(" ")
+        if command == "scrape":
+            with open(path, "wb") as out:
+                out.write(exposition(mgr)[0])
+            print("scraped", flush=True)
+"""
+
+
+def _answer(proc: subprocess.Popen[str], command: str | None = None) -> str:
+    assert proc.stdin is not None and proc.stdout is not None
+    if command is not None:
+        proc.stdin.write(command + "\n")
+        proc.stdin.flush()
+    ready, _, _ = select.select([proc.stdout], [], [], 60)
+    assert ready, f"the worker did not answer {command!r}"
+    return proc.stdout.readline().strip()
+
+
+def test_multiprocess_mode_sums_app_metrics_and_drops_dead_workers(
+    clickhouse: Any, tmp_path: Path
+) -> None:
+    """docs/health.md, gunicorn multiprocess mode: one scrape shows the application's own
+    metrics and chresilient's totals summed over the workers; mark_process_dead (the
+    child_exit hook) takes a dead worker out of the totals."""
+    from prometheus_client.multiprocess import mark_process_dead
+
+    shared = tmp_path / "prom"
+    shared.mkdir()
+    env = subprocess_env(clickhouse, tmp_path, PROMETHEUS_MULTIPROC_DIR=str(shared))
+    workers = [
+        subprocess.Popen(
+            [sys.executable, "-c", WORKER, str(calls)],
+            env=env,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        for calls in (2, 3)
+    ]
+    scrape = tmp_path / "scrape.txt"
+
+    def scraped_by_first() -> dict[str, float]:
+        assert _answer(workers[0], f"scrape {scrape}") == "scraped"
+        text = scrape.read_text()
+        return {
+            s.name: s.value
+            for f in text_string_to_metric_families(text)
+            for s in f.samples
+            if not s.labels
+        }
+
+    try:
+        assert [_answer(w) for w in workers] == ["ready", "ready"]
+        both = scraped_by_first()
+        assert both["app_events_total"] == 5  # the application's counter, summed
+        assert both["chresilient_all_processes_queries_total"] == 5
+        assert both["chresilient_all_processes_healthy"] == 2
+        workers[1].kill()  # kill -9: its files stay behind
+        workers[1].wait(30)
+        assert scraped_by_first()["chresilient_all_processes_healthy"] == 2  # stale
+        mark_process_dead(workers[1].pid, str(shared))  # what child_exit does
+        alive = scraped_by_first()
+        assert alive["chresilient_all_processes_healthy"] == 1
+        assert alive["chresilient_all_processes_queries_total"] == 2
+        assert alive["app_events_total"] == 5  # counters keep what dead workers counted
+    finally:
+        for worker in workers:
+            if worker.poll() is None:
+                worker.kill()
+            worker.wait(30)
+            for stream in (worker.stdin, worker.stdout):
+                if stream is not None:
+                    stream.close()

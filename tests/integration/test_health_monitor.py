@@ -80,6 +80,16 @@ def test_killed_server_is_seen_without_application_calls(clickhouse_server: Any)
             (probe,) = health["probe"]["hosts"].values()
             assert probe["ok"] is False and probe["error"]
             assert any("probe failed" in reason for reason in health["reasons"])
+            # Kubernetes readiness: out of rotation, with the reasons.
+            ready = call(url + "/health/clickhouse/ready")
+            body = ready.json()
+            assert ready.status == 503
+            assert (body["ready"], body["status"]) == (False, "unhealthy")
+            assert any("probe failed" in reason for reason in body["reasons"])
+            connection = call(url + "/health/clickhouse/connection")
+            assert connection.status == 503
+            (host,) = connection.json()["hosts"].values()
+            assert host["probe"]["ok"] is False and host["probe"]["error"]
             clickhouse_server.start()
             wait_until(
                 lambda: mgr.health()["status"] == "healthy",
@@ -88,6 +98,9 @@ def test_killed_server_is_seen_without_application_calls(clickhouse_server: Any)
                 what="healthy after the restart",
             )
             assert http_status() == 200
+            ready = call(url + "/health/clickhouse/ready")
+            assert (ready.status, ready.json()) == (200, {"ready": True, "status": "healthy"})
+            assert call(url + "/health/clickhouse/connection").status == 200
         assert mgr.metrics()["queries_total"] == 0  # the monitor alone noticed both changes
     finally:
         mgr.close()

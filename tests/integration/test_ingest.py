@@ -39,6 +39,7 @@ from chresilient import (
     RetryConfig,
     errors,
 )
+from chresilient.spool.records import BatchState
 
 ROOT = str(Path(__file__).resolve().parents[2])
 
@@ -115,6 +116,8 @@ def test_replay_sets_aside_rejected_batches_and_keeps_going(
         status = spool.status()
         assert status["failed_batches"] == 1 and status["pending_batches"] == 0
         assert status["last_error"].startswith("ServerException 60: Table")  # UNKNOWN_TABLE
+        assert status["last_replay_error"].startswith("ServerException 60")  # `spool status`
+        assert status["last_replay_error_at"] is not None
         # Fixed by the operator: requeue, and it goes through.
         mgr.execute(f"CREATE TABLE {missing} (id UInt32) ENGINE = Memory")
         assert spool.requeue_failed() == 1
@@ -294,6 +297,23 @@ def test_a_source_failing_during_an_outage_spools_what_it_gave(tmp_path: Path) -
         assert info.value.next_row == 7
         assert info.value.totals.rows_spooled == 7
         assert dead.spool is not None and dead.spool.pending().rows == 7
+
+
+def test_token_prefix_names_the_batches(tmp_path: Path) -> None:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    down = SimpleNamespace(host="127.0.0.1", port=port)
+    with ClickHouseConnectionManager(make_config(down, spool_dir=str(tmp_path))) as dead:
+        rows = [(i, f"row-{i}") for i in range(25)]
+        totals = dead.insert_batches("t", rows, 10, ["id", "s"], token_prefix="job-42")
+        assert (totals.batches, totals.rows_spooled) == (3, 25)
+        assert dead.spool is not None
+        pending = sorted(dead.spool.store.batches(BatchState.PENDING), key=lambda b: b.seq)
+        assert [b.batch_id for b in pending] == ["job-42-0", "job-42-1", "job-42-2"]
+        with pytest.raises(ValueError, match="token_prefix"):
+            dead.insert_batches("t", rows, 10, settings={"insert_deduplication_token": "x"})
+        assert dead.spool.pending().batches == 3  # refused before anything was tried
 
 
 def test_insert_batches_progress_bar(

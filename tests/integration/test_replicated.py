@@ -11,9 +11,11 @@ import threading
 import time
 from typing import Any
 
+from clickhouse_driver.errors import ServerException
 from helpers import make_config, wait_until
 
 from chresilient import ClickHouseConnectionManager, Config, ConnectionPoolConfig, RetryConfig
+from chresilient.errors import COORDINATION_CODES
 from chresilient.prometheus import exposition
 from chresilient.testing.cluster import CLUSTER, LocalCluster
 from chresilient.testing.server import LocalClickHouse
@@ -36,16 +38,34 @@ def _synced_counts(cluster: LocalCluster, table: str) -> list[tuple[int, int]]:
     """``(count, uniqExact(id))`` on every replica, once each caught up."""
     out = []
     for replica in cluster.replicas:
-        replica.query(f"SYSTEM SYNC REPLICA {table}", timeout=60)
+        _sync(replica, table)
         ((count, unique),) = replica.query(f"SELECT count(), uniqExact(id) FROM {table}")
         out.append((int(count), int(unique)))
     return out
 
 
+def _sync(replica: Any, table: str) -> None:
+    """SYSTEM SYNC REPLICA; just after ZooKeeper came back the replica's session may have
+    expired (999) or the table still be read-only (242) for a moment: wait that out."""
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            replica.query(f"SYSTEM SYNC REPLICA {table}", timeout=60)
+            return
+        except ServerException as err:
+            if err.code not in COORDINATION_CODES or time.monotonic() > deadline:
+                raise
+            time.sleep(0.2)
+
+
 def test_inserts_through_a_kill_of_the_written_replica_land_exactly_once(
     replicated: LocalCluster,
 ) -> None:
-    replicated.create_replicated("events", COLUMNS, order_by="id")
+    # Exactly once needs a replayed batch to arrive within the table's dedup window: 4
+    # threads keep inserting while it waits in the spool, so a slow machine can push it
+    # past the default 100 blocks (docs/cluster.md). Room for every block of the test.
+    window = "replicated_deduplication_window = 10000"
+    replicated.create_replicated("events", COLUMNS, order_by="id", settings=window)
     first = replicated.replicas[0]
     accepted: list[int] = []
     lock = threading.Lock()
@@ -153,7 +173,7 @@ def test_a_distributed_table_with_one_replica_down(replicated: LocalCluster) -> 
         )
     first, second = replicated.replicas
     first.client().execute("INSERT INTO events VALUES", [(i, "x") for i in range(1000)])
-    second.query("SYSTEM SYNC REPLICA events", timeout=60)
+    _sync(second, "events")
     cfg = _config(replicated, load_balancing="round_robin")
     with ClickHouseConnectionManager(cfg) as mgr:
         second.kill()  # the Distributed table's other replica, and one of our hosts

@@ -20,6 +20,7 @@ from helpers import make_config, subprocess_env, wait_until
 from test_cli import run_cli
 
 from chresilient import ClickHouseConnectionManager, SchemaError, StartupTimeoutError
+from chresilient.testing.faultproxy import FaultProxy
 
 EVENTS = """-- the events of the application
 CREATE TABLE IF NOT EXISTS {database}.events (
@@ -27,7 +28,7 @@ CREATE TABLE IF NOT EXISTS {database}.events (
     kind String
 ) ENGINE = MergeTree ORDER BY id;
 """
-# 18.16 has no ADD COLUMN IF NOT EXISTS: the record (and "already there") make it safe.
+# 18.16 has no ADD COLUMN IF NOT EXISTS: the record keeps it from running twice.
 ADD_COLUMN = "ALTER TABLE {database}.events ADD COLUMN note String;\n"
 
 
@@ -81,6 +82,48 @@ def test_an_empty_database_gets_its_tables_at_startup_once(
         {"db": database},
     )
     assert [c for (c,) in columns] == ["id", "kind", "note"]
+    # Another machine applied 001 at the same moment (a later record, another checksum):
+    # the record lists both, and the first one counts.
+    client.execute(
+        f"INSERT INTO `{database}`._chresilient_schema "
+        "(file, checksum, applied_at, applied_by, columns) VALUES",
+        [("001_events.sql", "0" * 64, int(time.time()) + 60, "other-host:1", "[]")],
+    )
+    with ClickHouseConnectionManager(cfg) as third:
+        third.start(wait=True, timeout=30)  # no SchemaError: the first checksum counts
+        first = third.schema.status()[0]
+        assert first["state"] == "applied" and first["applied_by"] != "other-host:1"
+    assert _records(client, database) == [("001_events.sql", 2), ("002_note.sql", 1)]
+
+
+def test_what_is_there_already_counts_as_applied_and_code_comes_last(
+    clickhouse: Any, client: Client, database: str, tmp_path: Path
+) -> None:
+    # The database, the table and its added column exist already (made by hand, or by a
+    # process that died before its record): DATABASE_ALREADY_EXISTS (82),
+    # TABLE_ALREADY_EXISTS (57), and ILLEGAL_COLUMN (44) "already exists" from ADD COLUMN.
+    client.execute(
+        f"CREATE TABLE `{database}`.events (id UInt64, kind String, note String) "
+        "ENGINE = MergeTree ORDER BY id"
+    )
+    first = "CREATE DATABASE {database};\n" + EVENTS.replace(" IF NOT EXISTS", "")
+    directory = _schema_dir(tmp_path, **{"001_events": first, "002_note": ADD_COLUMN})
+    code = ("CREATE TABLE IF NOT EXISTS {database}.x (id UInt8) ENGINE = Log",)
+    cfg = make_config(
+        clickhouse, database=database, schema_dir=str(directory), schema_statements=code
+    )
+    with ClickHouseConnectionManager(cfg) as mgr:
+        mgr.start(wait=True, timeout=30)
+        assert mgr.schema.last_report is not None
+        assert mgr.schema.last_report["applied"] == ["001_events.sql", "002_note.sql", "<code>"]
+    records = [("001_events.sql", 1), ("002_note.sql", 1), ("<code>", 1)]
+    assert _records(client, database) == records
+    columns = client.execute(
+        "SELECT name FROM system.columns WHERE database = %(db)s AND table = 'events'",
+        {"db": database},
+    )
+    assert [c for (c,) in columns] == ["id", "kind", "note"]
+    assert client.execute(f"EXISTS TABLE `{database}`.x") == [(1,)]
 
 
 WORKER = """
@@ -156,6 +199,17 @@ def test_a_refused_statement_names_its_file_and_line(
     assert "002_bad.sql:4" in str(info.value) and "62" in str(info.value)  # SYNTAX_ERROR
     # The good file was applied and recorded; the bad one is not recorded.
     assert _records(client, database) == [("001_events.sql", 1)]
+    # required=False does not hide it: a SchemaError is raised all the same.
+    with ClickHouseConnectionManager(cfg) as mgr, pytest.raises(SchemaError):
+        mgr.start(wait=True, timeout=30, required=False)
+    env = subprocess_env(
+        clickhouse, tmp_path, CLICKHOUSE_DB=database, CLICKHOUSE_SCHEMA_DIR=str(directory)
+    )
+    status = run_cli(["schema", "status"], env)
+    assert status.returncode == 1  # not all applied: 002 is pending
+    assert [f["state"] for f in json.loads(status.stdout)] == ["applied", "pending"]
+    refused = run_cli(["schema", "apply"], env)
+    assert refused.returncode == 3 and "002_bad.sql:4" in refused.stderr
 
 
 def test_a_column_dropped_by_hand_shows_in_the_consistency_report(
@@ -336,3 +390,44 @@ def test_required_false_defers_a_slow_schema_to_the_background(
             assert mgr.insert("events", [(1, "k")], ["id", "kind"]).delivered
     finally:
         os.close(fd)
+
+
+def test_clickhouse_unavailable_times_out_at_the_statement_it_was_at(
+    clickhouse: Any, client: Client, fault_proxy: FaultProxy, database: str, tmp_path: Path
+) -> None:
+    # The proxy resets any request over 100 kB: the small record queries pass, the big
+    # statement of 002 never reaches the server (to the schema, ClickHouse is unavailable).
+    big = "CREATE TABLE IF NOT EXISTS {database}.big (id UInt64, s String DEFAULT '%s') "
+    big = big % ("x" * 150_000) + "ENGINE = Log;\n"
+    directory = _schema_dir(tmp_path, **{"001_events": EVENTS, "002_big": big})
+    cfg = make_config(
+        fault_proxy,
+        auth=clickhouse,
+        database=database,
+        schema_dir=str(directory),
+        schema_timeout=2.0,
+    )
+    fault_proxy.reset_large_requests(100_000)
+    with ClickHouseConnectionManager(cfg) as mgr:
+        started = time.monotonic()
+        with pytest.raises(StartupTimeoutError) as info:
+            mgr.start(wait=True, timeout=30)
+        assert time.monotonic() - started >= 1.5  # retried until schema_timeout (less a step)
+        assert "schema not applied within 2s, at 002_big.sql:1" in str(info.value)
+        assert fault_proxy.oversized_resets_total >= 2 and not mgr.started
+    assert _records(client, database) == [("001_events.sql", 1)]
+
+
+def test_required_false_applies_the_schema_once_clickhouse_answers(
+    clickhouse: Any, client: Client, fault_proxy: FaultProxy, database: str, tmp_path: Path
+) -> None:
+    directory = _schema_dir(tmp_path, **{"001_events": EVENTS})
+    cfg = make_config(fault_proxy, auth=clickhouse, database=database, schema_dir=str(directory))
+    fault_proxy.refuse()
+    with ClickHouseConnectionManager(cfg) as mgr:
+        mgr.start(wait=True, timeout=0.5, required=False)  # ClickHouse down: not raised
+        assert mgr.started and mgr.schema.last_report is None
+        fault_proxy.pass_through()
+        wait_until(lambda: mgr.schema.last_report is not None, 30, what="the background apply")
+        assert mgr.schema.last_report["applied"] == ["001_events.sql"]
+    assert _records(client, database) == [("001_events.sql", 1)]

@@ -130,7 +130,10 @@ def test_a_manager_starts_on_a_full_spool_disk_and_serves_queries(
     fault_proxy.pass_through()
     with ClickHouseConnectionManager(cfg) as mgr:
         assert mgr.execute("SELECT 1") == [(1,)]
+        assert mgr.insert(table, _rows(1), ["id", "s"]).delivered  # live inserts work too
+        assert _exactly(client, table) == (ROWS, ROWS)
         health = mgr.health()
+        assert health["status"] == "degraded"
         assert health["spool"]["state"] == "full" and "spool: full" in health["reasons"]
         assert mgr.metrics()["spool_state"] == "full"
         fault_proxy.refuse()
@@ -140,11 +143,22 @@ def test_a_manager_starts_on_a_full_spool_disk_and_serves_queries(
             mgr.insert(table, big, ["id", "s"])
         assert info.value.cause == "disk full" and info.value.path == str(spool_dir)
         assert "free space" in str(info.value)
+        # A full disk is never worked around by evicting, whatever the policy.
+        with ClickHouseConnectionManager(cfg.replace(spool_full_policy="drop_oldest")) as evicts:
+            with pytest.raises(SpoolFullError) as info:
+                evicts.insert(table, big, ["id", "s"])
+            assert info.value.cause == "disk full"
+            assert evicts.metrics()["spool_dropped_batches"] == 0
         fault_proxy.pass_through()
         filler.unlink()
         assert mgr.health()["spool"]["state"] == "ok"  # freed: no write needed to see it
+        wait_for_recovery(mgr)  # the refused calls left it unhealthy
+        health = mgr.health()
+        assert health["status"] == "degraded"  # still: the first batch waits
+        assert f"spool holds {ROWS} rows waiting for delivery" in health["reasons"]
+        assert mgr.spool is not None and mgr.spool.pending().batches == 1  # not evicted
         mgr.start(wait=True, timeout=30)
-        wait_until(lambda: _exactly(client, table) == (ROWS, ROWS), 30, what="replay")
+        wait_until(lambda: _exactly(client, table) == (2 * ROWS, 2 * ROWS), 30, what="replay")
 
 
 def test_poison_batches_are_set_aside_while_the_rest_flows(
@@ -188,7 +202,13 @@ def test_poison_batches_are_set_aside_while_the_rest_flows(
         health = mgr.health()
         assert health["spool"]["failed_batches"] == 2
         assert health["spool"]["failed_rows"] == 20_005
-        assert mgr.metrics()["set_aside_rows"] == 20_005
+        assert health["status"] == "degraded"
+        assert "spool: 2 batches (20005 rows) set aside for the operator" in health["reasons"]
+        metrics = mgr.metrics()
+        assert (metrics["set_aside_batches"], metrics["set_aside_rows"]) == (2, 20_005)
+        assert (metrics["spool_batches_set_aside"], metrics["spool_rows_set_aside"]) == (2, 20_005)
+        assert (metrics["spool_batches_written"], metrics["spool_rows_written"]) == (102, 20_505)
+        assert (metrics["spool_batches_replayed"], metrics["spool_rows_replayed"]) == (100, 500)
         fault_proxy.reset_large_requests(None)
 
     # The operator: list, export and load the poison batch, retry the other.

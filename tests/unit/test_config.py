@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import inspect
+import os
 import string
 
 import pytest
@@ -142,15 +144,63 @@ def test_url_wins_over_parts() -> None:
             "CLICKHOUSE_URL": "clickhouse://a:b@urlhost:1234/urldb",
             "CLICKHOUSE_HOST": "ignored",
             "CLICKHOUSE_PORT": "1",
+            "CLICKHOUSE_USER": "ignored",
+            "CLICKHOUSE_PASSWORD": "ignored",
+            "CLICKHOUSE_DB": "ignored",
+            "CLICKHOUSE_SECURE": "true",
         }
     )
-    assert (cfg.host, cfg.port, cfg.user, cfg.password, cfg.database) == (
+    assert (cfg.host, cfg.port, cfg.user, cfg.password, cfg.database, cfg.secure) == (
         "urlhost",
         1234,
         "a",
         "b",
         "urldb",
+        False,
     )
+
+
+def test_an_empty_variable_counts_as_unset() -> None:
+    """README: a variable set to the empty string takes its default; CLICKHOUSE_ALT_HOSTS
+    adds hosts to the URL's."""
+    empty = {var: "" for var in ENV_VARS if var != "CLICKHOUSE_PASSWORD"}
+    assert Config.from_env(empty) == Config()
+    cfg = Config.from_env({"CLICKHOUSE_PORT": "", "CLICKHOUSE_RETRY_MAX_ATTEMPTS": ""})
+    assert (cfg.port, cfg.retry.max_attempts) == (9000, 5)
+    env = {"CLICKHOUSE_URL": "clickhouse://u@a:1/db", "CLICKHOUSE_ALT_HOSTS": "b:2"}
+    assert Config.from_env(env).hosts == (("a", 1), ("b", 2))
+
+
+def test_documented_defaults() -> None:
+    """Each default the README and docs state, literally (not compared with the classes'
+    own defaults, which would pass whatever they are)."""
+    from chresilient.cli import build_parser
+    from chresilient.config import default_spool_dir
+    from chresilient.health import wsgi
+
+    cfg = Config()
+    retry = cfg.retry
+    assert (retry.total_timeout, retry.budget_ratio, retry.budget_burst) == (60.0, 0.2, 10.0)
+    assert (retry.exponential_base, retry.jitter) == (2.0, True)
+    assert cfg.pool.ping_after_idle == 30.0
+    assert (cfg.health_probe_timeout, cfg.consistency_check_interval) == (2.0, 300.0)
+    assert (cfg.spool_max_bytes, cfg.spool_block_timeout) == (536870912, 30.0)
+    assert (cfg.spool_max_attempts, cfg.spool_replay_interval) == (10, 5.0)
+    assert (cfg.spool_full_policy, cfg.spool_enabled) == ("raise", True)
+    assert (cfg.load_balancing, cfg.max_replica_delay, cfg.secure) == ("in_order", 300.0, False)
+    assert (cfg.schema_dir, cfg.schema_timeout, cfg.cluster) == (None, 30.0, None)
+    assert wsgi.REPORT_MAX_AGE == 30.0 and wsgi.REFRESH_MAX_AGE == 1.0
+    reconnect = inspect.signature(wsgi.health_wsgi_app).parameters["reconnect_timeout"]
+    assert reconnect.default == 10.0
+    home = os.path.expanduser("~")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.delenv("XDG_CACHE_HOME", raising=False)
+        assert default_spool_dir() == os.path.join(home, ".cache", "chresilient", "spool")
+        patch.setenv("XDG_CACHE_HOME", "/x/cache")
+        assert default_spool_dir() == os.path.join("/x/cache", "chresilient", "spool")
+    parser = build_parser()
+    assert parser.parse_args(["check"]).timeout == 5.0
+    assert parser.parse_args(["wait"]).timeout == 60.0
 
 
 @pytest.mark.parametrize(

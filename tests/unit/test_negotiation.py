@@ -22,6 +22,10 @@ PROMETHEUS_SCRAPER = (
         ("", "text/plain;q=0.9, application/json;q=0.5", True),
         ("", "application/json;q=0.5, text/plain;q=0.9", True),
         ("", "text/plain;q=0", False),
+        # Equal q: the range listed first wins, whichever it is.
+        ("", "text/plain, application/json", True),
+        ("", "text/plain;q=0.5, application/json;q=0.5", True),
+        ("", "application/json, text/plain", False),
         ("", "text/*", True),
         ("", PROMETHEUS_SCRAPER, True),
         ("", "text/html, application/xhtml+xml, */*;q=0.8", False),  # a browser

@@ -7,8 +7,9 @@ import socket
 import pytest
 from clickhouse_driver import errors as driver_errors
 
+import chresilient
 from chresilient import CircuitOpenError, ClickHouseUnavailableError
-from chresilient.errors import ErrorKind, classify
+from chresilient.errors import ErrorKind, classify, trips_breaker
 from chresilient.retry import CallStats, Deadline, RetryBudget, RetryPolicy, call_with_retry
 from chresilient.statement import READ, Statement, is_write_query, query_verb
 
@@ -241,6 +242,8 @@ def test_only_known_reads_are_repeatable(query: str, verb: str, write: bool) -> 
         (252, False),
         (242, False),
         (225, False),
+        (244, False),
+        (999, False),
         (241, False),
         (319, False),
     ],
@@ -250,3 +253,26 @@ def test_writes_repeat_only_what_the_server_refused_up_front(code: int, repeat: 
     policy = RetryPolicy()
     assert policy.is_retry(exc, Statement(is_write=True)) is repeat
     assert policy.is_retry(exc, Statement(is_write=True, deduplicated=True))
+
+
+@pytest.mark.parametrize("code", [225, 242, 244, 999])
+def test_zookeeper_refusals_are_transient_and_never_trip_the_breaker(code: int) -> None:
+    """docs/cluster.md: writes refused while ZooKeeper is away are spooled (transient), not
+    repeated live, and do not open the breaker, so reads keep working."""
+    exc = driver_errors.ServerException("x", code=code)
+    assert classify(exc) is ErrorKind.TRANSIENT
+    assert trips_breaker(exc) is False
+    assert RetryPolicy().is_retry(exc, Statement(is_write=True)) is False
+    assert trips_breaker(driver_errors.ServerException("x", code=202)) is True  # the contrast
+
+
+def test_every_exported_exception_is_a_driver_error() -> None:
+    """README: existing `except clickhouse_driver.errors.Error` clauses keep working."""
+    exported = [
+        obj
+        for obj in (getattr(chresilient, name) for name in chresilient.__all__)
+        if isinstance(obj, type) and issubclass(obj, BaseException)
+    ]
+    assert len(exported) >= 15
+    for cls in exported:
+        assert issubclass(cls, driver_errors.Error), cls

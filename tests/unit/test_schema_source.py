@@ -110,9 +110,42 @@ def test_the_keeper_keeps_rows_only_for_tables_of_the_schema() -> None:
     keeper = SchemaKeeper(AppliedSchema(cfg, executor=None))  # type: ignore[arg-type]
     missing_column = ServerException("No such column note", code=16)
     assert keeper.lost("`my.db`.`events`", ServerException("gone", code=60))  # and stale now
+    unknown_identifier = ServerException("Unknown identifier: note", code=47)
     assert not keeper.ready() and keeper.lost("`events`", missing_column)
+    assert keeper.lost("`events`", unknown_identifier)  # also a column not made yet
     keeper.apply_now()
     assert keeper.ready()
     assert not keeper.lost("`events`", missing_column)  # the schema is current: a real error
+    assert not keeper.lost("`events`", unknown_identifier)
     assert not keeper.lost("`other`", ServerException("gone", code=60))
     assert not keeper.lost("`events`", ServerException("syntax", code=62))
+
+
+def test_a_bad_schema_is_a_config_error_when_the_manager_is_built(tmp_path: Path) -> None:
+    """schema.md: a missing directory, a statement that is not DDL, or {cluster} without a
+    cluster is a ConfigError naming the file and line when the manager is built."""
+    from chresilient import ClickHouseConnectionManager
+
+    def build(directory: Path, **changes: object) -> None:
+        cfg = Config(
+            host="127.0.0.1", port=1, schema_dir=str(directory),
+            spool_dir=str(tmp_path / "spool"), **changes,  # type: ignore[arg-type]
+        )  # fmt: skip
+        ClickHouseConnectionManager(cfg).close()  # not reached when the schema is bad
+
+    seed = tmp_path / "seed"
+    seed.mkdir()
+    create = "CREATE TABLE IF NOT EXISTS {database}.e (id UInt8) ENGINE = Log;\n"
+    (seed / "001_events.sql").write_text(create)
+    (seed / "004_seed.sql").write_text("-- seed data\n\nINSERT INTO e VALUES (1);\n")
+    with pytest.raises(ConfigError, match=r"004_seed\.sql:3"):
+        build(seed)
+    clustered = tmp_path / "clustered"
+    clustered.mkdir()
+    (clustered / "001_db.sql").write_text("CREATE DATABASE IF NOT EXISTS x ON CLUSTER {cluster};\n")
+    with pytest.raises(ConfigError, match="CLICKHOUSE_CLUSTER"):
+        build(clustered)
+    build(clustered, cluster="prod")  # with a cluster it builds
+    with pytest.raises(ConfigError) as info:
+        build(tmp_path / "missing")
+    assert info.value.field == "schema_dir" and "missing" in str(info.value)

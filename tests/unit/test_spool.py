@@ -10,9 +10,11 @@ import datetime as dt
 import decimal
 import enum
 import ipaddress
+import itertools
 import math
 import multiprocessing
 import os
+import signal
 import socket
 import threading
 import time
@@ -23,16 +25,20 @@ from typing import Any
 
 import pytest
 import pytz
+import structlog
 
 from chresilient import (
     CircuitBreakerConfig,
     ClickHouseConnectionManager,
+    ClickHouseUnavailableError,
     Config,
     ConfigError,
     InvalidBatchError,
     RetryConfig,
+    SpoolError,
     SpoolFullError,
 )
+from chresilient.observability.prometheus import exposition
 from chresilient.spool import SpoolStore
 from chresilient.spool.codec import SpoolEncodeError, decode_rows, encode_rows
 from chresilient.statement import quote_identifier, quote_table
@@ -144,9 +150,22 @@ def test_codec_enum_members_travel_as_the_driver_sends_them() -> None:
     assert row[1] == 3 and row[1].name == "high" and isinstance(row[1], int)
 
 
-def test_codec_refuses_what_it_cannot_store_exactly() -> None:
+def test_codec_refuses_what_it_cannot_store_exactly(tmp_path: Path) -> None:
     with pytest.raises(SpoolEncodeError, match="object"):
         encode_rows([(1, object())])
+    # Through insert() during an outage: a SpoolError caused by the SpoolEncodeError (a
+    # TypeError) when it would be spooled; nothing kept, the caller still has the rows.
+    mgr = ClickHouseConnectionManager(_refusing_config(tmp_path))
+    try:
+        with pytest.raises(SpoolError) as info:
+            mgr.insert("t", [(1, object())], ["id", "x"])
+        assert isinstance(info.value.__cause__, SpoolEncodeError)
+        assert isinstance(info.value.__cause__, TypeError)
+        assert isinstance(info.value.clickhouse_error, ClickHouseUnavailableError)
+        assert mgr.metrics()["connection_attempts"] > 0  # it was an outage, not a refusal
+        assert mgr.spool is not None and mgr.spool.pending().batches == 0
+    finally:
+        mgr.close()
 
 
 def test_quoting_escapes_backticks_and_backslashes() -> None:
@@ -240,14 +259,21 @@ def test_drop_oldest_policy_evicts_and_counts(tmp_path: Path) -> None:
         _refusing_config(tmp_path, spool_max_bytes=3_000, spool_full_policy="drop_oldest")
     )
     try:
-        results = [
-            mgr.insert("t", [(n, "y" * 40) for _ in range(10)], ["id", "s"]) for n in range(40)
-        ]
+        with structlog.testing.capture_logs() as logs:
+            results = [
+                mgr.insert("t", [(n, "y" * 40) for _ in range(10)], ["id", "s"]) for n in range(40)
+            ]
         assert all(r.spooled for r in results)
         metrics = mgr.metrics()
         assert metrics["spool_dropped_batches"] > 0
         assert metrics["spool_dropped_rows"] == 10 * metrics["spool_dropped_batches"]
         assert metrics["pending_batches"] == 40 - metrics["spool_dropped_batches"]
+        # Each eviction is logged with its table, batch id and rows: the oldest ones.
+        dropped = [e for e in logs if e["event"] == "spool_dropped_oldest"]
+        assert len(dropped) == metrics["spool_dropped_batches"]
+        evicted = [r.batch_id for r in results[: len(dropped)]]
+        assert [e["batch_id"] for e in dropped] == evicted
+        assert all(e["table"] == "`t`" and e["rows"] == 10 for e in dropped)
         first = mgr.spool.store.claim(lease_seconds=60)  # type: ignore[union-attr]
         assert first is not None and first.decode_rows()[0][0] == metrics["spool_dropped_batches"]
     finally:
@@ -316,12 +342,17 @@ def test_unwritable_spool_dir_starts_degraded_and_names_the_problem(tmp_path: Pa
     blocker = tmp_path / "a-file"
     blocker.write_text("not a directory")
     for bad in (blocker / "spool", blocker):
-        mgr = ClickHouseConnectionManager(_refusing_config(tmp_path, spool_dir=str(bad)))
+        with structlog.testing.capture_logs() as logs:
+            mgr = ClickHouseConnectionManager(_refusing_config(tmp_path, spool_dir=str(bad)))
         try:
             assert mgr.spool is not None and mgr.spool.state == "unwritable"
+            (unusable,) = [e for e in logs if e["event"] == "spool_unusable"]
+            assert unusable["cause"] == "unwritable" and str(bad) in unusable["error"]
+            assert "CLICKHOUSE_SPOOL_DIR" in unusable["error"]  # the fix
             health = mgr.health()
             assert health["spool"]["state"] == "unwritable"
             assert mgr.metrics()["spool_state"] == "unwritable"
+            assert b"chresilient_spool_usable 0.0" in exposition(mgr)[0]
             with pytest.raises(SpoolError) as info:  # an outage: the batch cannot be kept
                 mgr.insert("t", [(1, "a")], ["id", "s"])
             assert info.value.cause == "unwritable" and info.value.path == str(bad)
@@ -355,15 +386,19 @@ def test_spool_settings_are_validated_and_read_from_env() -> None:
         ("spool_replay_interval", 0),
         ("spool_enabled", "yes"),
         ("spool_dir", ""),
+        ("spool_max_attempts", 1),  # at least 2: one failure may be an outage ending
     ):
         with pytest.raises(ConfigError) as info:
             Config(**{field: value})
         assert info.value.field == field
+    assert Config(spool_max_attempts=2).spool_max_attempts == 2
     cfg = Config.from_env(
         {
             "CLICKHOUSE_SPOOL_FULL_POLICY": "drop_oldest",
             "CLICKHOUSE_SPOOL_ENABLED": "false",
             "CLICKHOUSE_SPOOL_BLOCK_TIMEOUT": "2.5",
+            "CLICKHOUSE_SPOOL_MAX_ATTEMPTS": "3",
+            "CLICKHOUSE_SPOOL_MAX_BYTES": "1048576",
         }
     )
     assert (cfg.spool_full_policy, cfg.spool_enabled, cfg.spool_block_timeout) == (
@@ -371,6 +406,10 @@ def test_spool_settings_are_validated_and_read_from_env() -> None:
         False,
         2.5,
     )
+    assert (cfg.spool_max_attempts, cfg.spool_max_bytes) == (3, 1048576)
+    with pytest.raises(ConfigError) as info:
+        Config.from_env({"CLICKHOUSE_SPOOL_MAX_ATTEMPTS": "1"})
+    assert info.value.field == "CLICKHOUSE_SPOOL_MAX_ATTEMPTS"
     with pytest.raises(ConfigError) as info:
         Config.from_env({"CLICKHOUSE_SPOOL_FULL_POLICY": "panic"})
     assert info.value.field == "CLICKHOUSE_SPOOL_FULL_POLICY"
@@ -398,6 +437,39 @@ def test_processes_sharing_a_spool_dir_lose_nothing(tmp_path: Path) -> None:
         order.setdefault(worker, []).append(n)
         store.ack(batch)
     assert order == {w: list(range(40)) for w in range(4)}
+
+
+def _endless_writer(directory: str) -> None:
+    store = SpoolStore(directory, target="127.0.0.1:9000/default", max_bytes=500_000_000)
+    for n in itertools.count():
+        store.put("`t`", ["n", "s"], [(n, "x" * 50)] * 7, batch_id=f"b{n}")
+
+
+def test_a_batch_is_whole_or_absent_after_a_kill(tmp_path: Path) -> None:
+    """spool.md: each write is one transaction, so a SIGKILL mid-write leaves no part."""
+    ctx = multiprocessing.get_context("spawn")
+    proc = ctx.Process(target=_endless_writer, args=(str(tmp_path),))
+    proc.start()
+    try:
+        store = _store(tmp_path)
+        deadline = time.monotonic() + 60
+        while store.totals().batches < 30:  # the child is writing in a loop
+            assert time.monotonic() < deadline and proc.is_alive(), "the writer did not write"
+            time.sleep(0.01)
+    finally:
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.join(30)
+    assert proc.exitcode == -signal.SIGKILL
+    store = _store(tmp_path)  # reopened after the crash
+    totals = store.totals()
+    assert totals.batches >= 30 and totals.rows == 7 * totals.batches
+    seen = []
+    while (batch := store.claim(lease_seconds=60)) is not None:
+        rows = batch.decode_rows()
+        assert len(rows) == 7 and {r[0] for r in rows} == {int(batch.batch_id[1:])}
+        seen.append(int(batch.batch_id[1:]))
+        assert store.ack(batch)
+    assert seen == list(range(totals.batches))  # in order, none missing in between
 
 
 def _refusing_config(tmp_path: Path, **changes: Any) -> Config:
@@ -449,6 +521,8 @@ def test_unwritable_spool_at_outage_raises_a_named_spool_error(
         blocker.execute("BEGIN IMMEDIATE")  # another process holds the write lock
         with pytest.raises(SpoolError) as info:
             mgr.insert("t", [(1, "a")], ["id", "s"])
+        assert info.value.cause == "busy" and info.value.path == str(tmp_path / "spool")
+        assert isinstance(info.value.free_bytes, int) and info.value.free_bytes > 0
         assert isinstance(info.value, DriverError)  # callers' except clauses still work
         assert str(tmp_path / "spool") in str(info.value)
         assert info.value.clickhouse_error is not None

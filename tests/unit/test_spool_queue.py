@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import sqlite3
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +16,7 @@ from clickhouse_driver import errors as driver_errors
 
 import chresilient.spool.replay as replay_module
 import chresilient.spool.sqlite as spool_sqlite
-from chresilient import ClickHouseUnavailableError, SpoolError
+from chresilient import ClickHouseUnavailableError, SpoolError, SpoolFullError
 from chresilient.metrics import Metrics
 from chresilient.spool import SpoolReplayer, SpoolStore
 from chresilient.spool.records import SpooledBatch
@@ -50,6 +51,18 @@ def test_targets_match_across_spelling_order_and_added_replicas() -> None:
     assert not target_of([("127.0.0.1", 9001)], "db").matches(written)
     # The key of an older release (one host, as spelled) still matches.
     assert target_of([("localhost", 9000)], "db").matches(Target.parse("127.0.0.1:9000/db"))
+
+
+def test_one_replayer_per_directory_and_database(tmp_path: Path) -> None:
+    """The replay lock is per directory and database (not per target): two servers with
+    the same database name share it; another database does not wait."""
+    first = _store(tmp_path, "127.0.0.1:9000/db")
+    with first.replay_lock() as held:
+        assert held is True
+        with _store(tmp_path, "127.0.0.1:9555/db").replay_lock() as other_server:
+            assert other_server is False
+        with _store(tmp_path, "127.0.0.1:9000/other").replay_lock() as other_database:
+            assert other_database is True
 
 
 def test_a_store_claims_batches_of_matching_targets_only(tmp_path: Path) -> None:
@@ -296,3 +309,115 @@ def test_a_silent_server_is_not_taken_for_a_poison_batch(tmp_path: Path) -> None
         assert replayer.replay().outcome == "unavailable"
     (batch,) = store.batches(ids=[1])
     assert batch.attempts == 0 and not store.batches()
+
+
+def test_a_poison_batch_waits_longer_after_each_attempt(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """spool.md: a failing batch waits 0.5 s, 1 s, 2 s, ... (at most 60 s); its table
+    waits behind it."""
+    store, server = _store(tmp_path), _Server()
+    store.put("`a`", None, [(0,)], batch_id="poison")
+    store.put("`b`", None, [(1,)], batch_id="ok")
+    server.poison.add("poison")
+    delays: list[float] = []
+    retry_later = store.retry_later
+
+    def record(batch: SpooledBatch, error: str, delay: float) -> None:
+        """The first wait is kept; later ones are cut to 0 to keep the test short."""
+        delays.append(delay)
+        retry_later(batch, error, delay if len(delays) == 1 else 0.0)
+
+    monkeypatch.setattr(store, "retry_later", record)
+    replayer = _replayer(store, server, max_attempts=10)
+    failed_at = time.monotonic()
+    assert replayer.replay().skipped_tables == ["`a`"] and server.delivered == ["ok"]
+    probes = server.probes
+    assert replayer.replay().outcome == "retrying"  # at once: its table waits
+    assert server.probes == probes and store.batches(ids=[1])[0].attempts == 1
+    deadline = time.monotonic() + 10
+    while store.batches(ids=[1])[0].attempts < 2:  # tried again once its wait is over
+        assert time.monotonic() < deadline, "the batch was never tried again"
+        replayer.replay()
+        time.sleep(0.02)
+    assert time.monotonic() - failed_at >= 0.5
+    for _ in range(10):
+        replayer.replay()
+    # attempts 1 to 9 wait; the 10th sets it aside
+    assert delays == [0.5, 1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 60.0, 60.0]
+    (aside,) = store.batches()
+    assert aside.attempts == 10
+
+
+def test_on_a_full_disk_the_lock_holder_claims_without_a_lease(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store = _store(tmp_path)
+    store.put("`a`", None, [(0,)], batch_id="b0")
+    write = store.db.write
+
+    def full(action: str = "write") -> Any:
+        if action == "claim":  # the lease cannot be written
+            raise SpoolFullError("disk full", cause="disk full", path=str(tmp_path))
+        return write(action)
+
+    monkeypatch.setattr(store.db, "write", full)
+    with pytest.raises(SpoolFullError):
+        store.claim(lease_seconds=60)  # not holding the replay lock: no batch
+    with store.replay_lock() as locked:
+        assert locked is True
+        batch = store.claim(lease_seconds=60, steal=True)
+    assert batch is not None and batch.batch_id == "b0" and batch.leased is False
+
+
+def test_the_replayer_backs_off_while_down_and_yields_to_a_busy_pool(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """spool.md's cadence: while ClickHouse is down the passes back off (doubling); while
+    the pool is fully busy it waits longer between batches."""
+    monkeypatch.setattr(replay_module, "FIRST_BACKOFF", 0.05)
+    store, server = _store(tmp_path), _Server()
+    store.put("`a`", None, [(0,)], batch_id="b0")
+    server.up = False
+    tried: list[float] = []
+
+    def deliver(batch: SpooledBatch) -> None:
+        tried.append(time.monotonic())
+        server.deliver(batch)
+
+    down = SpoolReplayer(
+        store, deliver, metrics=Metrics(), interval=60, lease_seconds=60,
+        probe=server.probe, pause=0,
+    )  # fmt: skip
+    down.start()
+    try:
+        deadline = time.monotonic() + 20
+        while len(tried) < 5:
+            assert time.monotonic() < deadline, f"only {len(tried)} passes"
+            time.sleep(0.01)
+    finally:
+        down.stop(5)
+    gaps = [b - a for a, b in zip(tried, tried[1:])]
+    for n, gap in enumerate(gaps[:4]):  # 0.05, 0.1, 0.2, 0.4 s at least
+        assert gap >= 0.9 * 0.05 * 2**n, gaps
+
+    for n in range(3):
+        store.put("`b`", None, [(n,)], batch_id=f"busy{n}")
+    server.up = True
+    checks: list[bool] = []
+
+    def busy() -> bool:
+        checks.append(True)
+        return True
+
+    monkeypatch.setattr(replay_module, "BUSY_WAIT", 0.02)
+    patient = SpoolReplayer(
+        store, server.deliver, metrics=Metrics(), interval=60, lease_seconds=60,
+        busy=busy, pause=0,
+    )  # fmt: skip
+    started = time.monotonic()
+    assert patient.replay().batches == 4
+    took = time.monotonic() - started
+    # After each batch it checks the pool up to BUSY_WAITS_MAX times, waiting in between.
+    assert len(checks) == 4 * replay_module.BUSY_WAITS_MAX
+    assert took >= 4 * replay_module.BUSY_WAITS_MAX * 0.02 * 0.9

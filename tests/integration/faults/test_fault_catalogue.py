@@ -24,6 +24,7 @@ from helpers import (
     wait_running,
     wait_until,
 )
+from prometheus_client.parser import text_string_to_metric_families
 
 from chresilient import (
     CircuitBreakerConfig,
@@ -36,6 +37,7 @@ from chresilient import (
     StartupError,
 )
 from chresilient.errors import ErrorKind, classify, describe
+from chresilient.observability.prometheus import exposition
 
 pytestmark = pytest.mark.faults
 
@@ -103,13 +105,27 @@ def test_f02_killed_while_idle(clickhouse_server: Any) -> None:
         assert "refused" in describe(info.value.last_error).lower()  # type: ignore[arg-type]
         assert mgr.hosts[0].breaker.state is CircuitState.OPEN
         assert mgr.metrics()["circuit_breaker_opens"] == 1
+        assert _breaker_gauge(mgr) == 2.0  # Prometheus: 2 open
         with pytest.raises(CircuitOpenError):
             mgr.execute("SELECT 1")
         clickhouse_server.start()
         time.sleep(1.1)  # recovery_timeout: the next call is a trial
-        assert mgr.execute("SELECT 1") == [(1,)]
+        assert _breaker_gauge(mgr) == 1.0  # half-open
+        for _ in range(3):  # half_open_max_calls (3) successful trials close it
+            assert mgr.execute("SELECT 1") == [(1,)]
+        assert _breaker_gauge(mgr) == 0.0  # closed
     finally:
         mgr.close()
+
+
+def _breaker_gauge(mgr: ClickHouseConnectionManager) -> float:
+    """``chresilient_circuit_breaker_state`` of the manager's one host, as scraped."""
+    text = exposition(mgr)[0].decode()
+    (family,) = [f for f in text_string_to_metric_families(text)
+                 if f.name == "chresilient_circuit_breaker_state"]  # fmt: skip
+    (sample,) = family.samples
+    assert sample.labels == {"host": mgr.hosts[0].label}
+    return float(sample.value)
 
 
 def test_f03_killed_mid_query_read_is_retried(clickhouse_server: Any) -> None:
@@ -151,6 +167,9 @@ def test_f04_restart_between_queries_is_invisible_to_reads(clickhouse_server: An
     mgr = ClickHouseConnectionManager(make_config(clickhouse_server))
     try:
         _warm(mgr, 5)
+        stats = mgr.hosts[0].pool.stats
+        connects = stats.connects
+        assert connects == 5
         clickhouse_server.restart()
         for i in range(20):
             assert mgr.execute("SELECT %(i)s", {"i": i}) == [(i,)]
@@ -159,7 +178,10 @@ def test_f04_restart_between_queries_is_invisible_to_reads(clickhouse_server: An
         assert metrics["circuit_breaker_state"] == "closed"
         # The stale sockets were found by the liveness check, not by failing queries.
         assert metrics["retry_attempts"] == 0
-        assert metrics["pool_invalidations"] >= 1
+        # The first stale socket found recycled the whole pool at once (one invalidation,
+        # not one per stale socket); the others were replaced without a peek each.
+        assert metrics["pool_invalidations"] == 1
+        assert 1 <= stats.connects - connects <= 5
     finally:
         mgr.close()
 
@@ -281,6 +303,17 @@ def test_f07_insert_cut_mid_way_is_not_repeated_without_dedup(
         wait_for_recovery(proxied)
         assert proxied.execute("SELECT 5") == [(5,)]
         assert direct.execute(f"SELECT count() FROM {table}") == [(2,)]
+        # The same cut under insert(): one attempt, then the batch goes to the spool.
+        fault_proxy.reset(after_bytes=4096)
+        retries = proxied.metrics()["retry_attempts"]
+        result = proxied.insert(table, [(n,) for n in range(30_000, 50_000)], ["x"])
+        assert result.spooled and not result.delivered
+        assert proxied.metrics()["retry_attempts"] == retries  # not repeated
+        assert direct.execute(f"SELECT count() FROM {table}") == [(2,)]
+        fault_proxy.pass_through()
+        wait_for_recovery(proxied)
+        assert proxied.spool is not None and proxied.spool.replay().batches == 1
+        assert direct.execute(f"SELECT count() FROM {table}") == [(20_002,)]
     finally:
         direct.execute(f"DROP TABLE {table}")
         direct.close()

@@ -263,7 +263,8 @@ def main(
     level = args.log_level
     if getattr(args, "log_level_min", None) == "info" and level == "warning":
         level = "info"  # wait shows its progress by default
-    _configure_logging(level)
+    if config is None or not structlog.is_configured():  # else the host app's (Django's)
+        _configure_logging(level)
     try:
         code: int = args.func(args, out or sys.stdout)
         return code

@@ -20,11 +20,14 @@ from . import fork, tracing
 from .config import Config
 from .connection import LastCheckout, PooledConnection, make_client
 from .driver_args import config_from_driver_args
+from .events import Event
 from .manager import ClickHouseConnectionManager
-from .progress import ProgressResult
-from .statement import DEDUP_SETTING, READ, Statement, settings_for_server
+from .progress import Pending, ProgressResult
+from .statement import DEDUP_SETTING, Statement, settings_for_server
 
 T = TypeVar("T")
+# Checking out a connection only to show it: a failure says nothing about the server.
+LOOK = Statement(is_write=False, background=True)
 
 
 class ResilientClient:
@@ -38,6 +41,11 @@ class ResilientClient:
         self._local = threading.local()  # the thread's pending progress result, resets
         self._offline: DriverClient | None = None
         self._driver_args: tuple[tuple[Any, ...], dict[str, Any]] | None = None
+        fork.register(self)
+
+    def after_fork_in_child(self) -> None:
+        """A forked child has no pending progress result and no last call of its own."""
+        self._local = threading.local()
 
     @classmethod
     def from_kwargs(cls, *args: Any, config: Config | None = None, **kwargs: Any) -> Any:
@@ -130,18 +138,17 @@ class ResilientClient:
             )
 
         statement = self._statement(query, params, sets)
+        pending = self._pending()
         with self._traced(query):  # the span covers sending the query
-            progress = ProgressResult(self.manager.open_executor().checkout(start, statement))
-        self._local.progress = progress
-        return progress
+            held = self.manager.open_executor().checkout(start, statement)
+        return ProgressResult(held, pending)  # replaces (and so frees) an earlier one
 
     def cancel(self, with_column_types: bool = False) -> Any:
         """Cancel this thread's pending ``execute_with_progress`` query; returns what the
         server sent until then, as the driver does."""
-        progress: ProgressResult | None = getattr(self._local, "progress", None)
-        self._local.progress = None
-        if progress is None:
-            raise RuntimeError("cancel(): no execute_with_progress() query on this thread")
+        progress = self._pending().result
+        if progress is None or not progress.pending:
+            raise RuntimeError("cancel(): no pending execute_with_progress() on this thread")
         return progress.cancel(with_column_types)
 
     def query_dataframe(
@@ -198,11 +205,12 @@ class ResilientClient:
         try:
             executor = self.manager.open_executor()
             held = executor.checkout(
-                lambda conn: None, READ, self.manager.config.pool.connect_timeout
+                lambda conn: None, LOOK, self.manager.config.pool.connect_timeout
             )
         except Exception:
             return self._offline_client().connection
         held.release()
+        self.reset_last_query()  # a look, not a query: last_query stays None
         return held.connection.connection
 
     @property
@@ -238,7 +246,7 @@ class ResilientClient:
     def disconnect(self) -> None:
         """Close idle pooled connections (the driver's ``disconnect``); the client stays usable."""
         for host in self.manager.hosts:
-            host.pool.dispose()
+            host.pool.prune(max_age=0)  # idle ones only: dispose() would forget overflow
         self.reset_last_query()
 
     disconnect_connection = disconnect
@@ -252,6 +260,12 @@ class ResilientClient:
         if not found:
             return None
         return max(found, key=lambda c: c.sequence)
+
+    def _pending(self) -> Pending:
+        pending: Pending | None = getattr(self._local, "pending", None)
+        if pending is None:
+            pending = self._local.pending = Pending()
+        return pending
 
     def _settings(self, settings: Mapping[str, Any] | None) -> dict[str, Any] | None:
         return dict(settings) if settings else None
@@ -298,10 +312,17 @@ class Client(ResilientClient):
     def __init__(self, *args: Any, config: Config | None = None, **kwargs: Any) -> None:
         super().__init__(ClickHouseConnectionManager(config_from_driver_args(args, kwargs, config)))
         self._driver_args = (args, dict(kwargs))
+        # No threads until they are needed: the health monitor starts when a breaker first
+        # opens, so a host that failed is seen answering again without waiting for a call.
+        self.manager.events.listen(Event.BREAKER_OPENED, self._start_monitor)
 
     @classmethod
     def from_kwargs(cls, *args: Any, config: Config | None = None, **kwargs: Any) -> Any:
         return cls(*args, config=config, **kwargs)
+
+    def _start_monitor(self, **_: Any) -> None:
+        if not self.manager.closed:
+            self.manager.start(wait=False)
 
 
 _lock = threading.Lock()

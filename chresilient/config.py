@@ -150,10 +150,10 @@ class Config:
     load_balancing: str = "in_order"
     client_name: str = "chresilient"
     compression: bool | str = False
-    settings: Mapping[str, Any] = field(default_factory=dict)
+    settings: Mapping[str, Any] = field(default_factory=dict, repr=False)  # quota_key
     # More keywords for the driver's Connection (tcp_keepalive, certfile, ciphers, ...):
     # DRIVER_OPTIONS names them; ``chresilient.Client`` fills this from its keywords.
-    driver_options: Mapping[str, Any] = field(default_factory=dict)
+    driver_options: Mapping[str, Any] = field(default_factory=dict, repr=False)  # keypass
     retry: RetryConfig = field(default_factory=RetryConfig)
     pool: ConnectionPoolConfig = field(default_factory=ConnectionPoolConfig)
     breaker: CircuitBreakerConfig = field(default_factory=CircuitBreakerConfig)

@@ -19,8 +19,18 @@ from .config_values import DRIVER_OPTIONS
 
 _CONNECTION = inspect.signature(Connection.__init__)
 
-# The driver's defaults that mean "whatever Config says" here.
-_UNSET: Mapping[str, Any] = {"port": None, "database": "", "alt_hosts": None}
+# The driver's defaults that mean "whatever Config says" here (None timeouts included:
+# the driver waits forever, a pooled client never does).
+_UNSET: Mapping[str, Any] = {
+    "port": None,
+    "database": "",
+    "alt_hosts": None,
+    "connect_timeout": None,
+    "send_receive_timeout": None,
+}
+# The driver's own default: a statement may be silent this long (OPTIMIZE, big INSERT
+# ... SELECT). Used when neither the arguments nor ``config`` say otherwise.
+DRIVER_SEND_RECEIVE_TIMEOUT = 300.0
 
 
 def config_from_driver_args(
@@ -40,8 +50,13 @@ def config_from_driver_args(
     cfg = base if base is not None else Config(spool_enabled=False)
     fields: dict[str, Any] = {}
     options = dict(cfg.driver_options)
+    if base is None and given.get("send_receive_timeout") is None:
+        timeout = DRIVER_SEND_RECEIVE_TIMEOUT
+        fields["retry"] = dataclasses.replace(cfg.retry, timeout_per_attempt=timeout)
     for name, value in given.items():
-        if name in _UNSET and value == _UNSET[name]:
+        if name in _UNSET and (value == _UNSET[name] or value is None):
+            continue
+        if name == "alt_hosts" and not value:
             continue
         if name in DRIVER_OPTIONS:
             options[name] = value
@@ -50,7 +65,7 @@ def config_from_driver_args(
         elif name == "send_receive_timeout":
             fields["retry"] = dataclasses.replace(cfg.retry, timeout_per_attempt=float(value))
         elif name == "alt_hosts":
-            fields[name] = value.split(",") if isinstance(value, str) else value
+            fields[name] = value  # Config parses "host:port,host" as the driver does
         elif name == "port":
             fields[name] = int(value)
         else:  # host, database, user, password, client_name, compression, secure, verify, ...

@@ -62,11 +62,19 @@ class ClickHouseUnavailableError(ChResilientError):
     attempts were made. When that error is one of the driver's transport errors
     (``NetworkError``, ``SocketTimeoutError``, ...), the instance is of that class too, so
     ``except clickhouse_driver.errors.NetworkError`` written for the bare driver still
-    catches it (see :func:`with_driver_class`).
+    catches it (see :func:`with_driver_class`). A server's error (``ServerException``,
+    e.g. 202 after the retries) is not mixed in: code that catches those expects the
+    server's answer, and gets it at once for every error that is not retried.
     """
 
+    # Where the constructor takes ``last_error`` when it is passed by position.
+    last_error_position = 1
+
     def __new__(cls, *args: Any, **kwargs: Any) -> ClickHouseUnavailableError:
-        driver_class = _transport_class(kwargs.get("last_error"))
+        last = kwargs.get("last_error")
+        if last is None and len(args) > cls.last_error_position:
+            last = args[cls.last_error_position]
+        driver_class = _driver_class(last)
         if driver_class is not None and not issubclass(cls, driver_class):
             cls = with_driver_class(cls, driver_class)
         return super().__new__(cls, *args)  # type: ignore[no-any-return]
@@ -99,20 +107,24 @@ def with_driver_class(cls: type[Any], driver_class: type[Any]) -> type[Any]:
     return mixed
 
 
-def _transport_class(error: BaseException | None) -> type[Any] | None:
-    """The class of the driver's own transport error behind ``error``, if that is one
-    (the server's errors are left out: their codes drive classification)."""
-    while isinstance(error, ChResilientError):
-        error = getattr(error, "last_error", None)
-    if isinstance(error, driver_errors.Error) and not isinstance(
-        error, driver_errors.ServerException
-    ):
-        return type(error)
-    return None
+def _root(error: BaseException | None) -> BaseException | None:
+    while isinstance(error, ChResilientError) and getattr(error, "last_error", None) is not None:
+        error = error.last_error
+    return error
+
+
+def _driver_class(error: BaseException | None) -> type[Any] | None:
+    """The class of the driver's own transport error behind ``error``, if it is one."""
+    root = _root(error)
+    if isinstance(root, (driver_errors.ServerException, ChResilientError)):
+        return None
+    return type(root) if isinstance(root, driver_errors.Error) else None
 
 
 class CircuitOpenError(ClickHouseUnavailableError):
     """The circuit breaker refused the call without touching the server."""
+
+    last_error_position = 2
 
     def __init__(self, name: str, retry_after: float, last_error: BaseException | None = None):
         self.breaker_name = name
@@ -252,6 +264,7 @@ TRANSIENT_CODES = frozenset(
         203,  # NO_FREE_CONNECTION
         209,  # SOCKET_TIMEOUT (raised by a server towards a remote shard)
         210,  # NETWORK_ERROR (raised by a server towards a remote shard)
+        216,  # QUERY_WITH_SAME_ID_IS_ALREADY_RUNNING (its first attempt, cut off, still runs)
         225,  # NO_ZOOKEEPER (replicated tables while ZooKeeper is away)
         241,  # MEMORY_LIMIT_EXCEEDED
         242,  # TABLE_IS_READ_ONLY
@@ -264,6 +277,11 @@ TRANSIENT_CODES = frozenset(
         999,  # KEEPER_EXCEPTION
     }
 )
+def _query_limit(exc: BaseException) -> bool:
+    """MEMORY_LIMIT_EXCEEDED for the query's own limit: the same query fails again."""
+    return server_code(exc) == 241 and "(for query)" in str(getattr(exc, "message", ""))
+
+
 # Transient codes about the server's state (busy, read-only without ZooKeeper, too many
 # parts), never about the rows sent: a spooled batch failing with them is not poison.
 SERVER_STATE_CODES = frozenset({202, 203, 225, 242, 244, 252, 285, 319, 999})
@@ -296,15 +314,15 @@ _TRANSPORT_TYPES: tuple[type[BaseException], ...] = (
 
 def classify(exc: BaseException) -> ErrorKind:
     """Sort an exception into an :class:`ErrorKind` (the design's error table)."""
+    if isinstance(exc, (ClientClosedError, PoolTimeoutError, CircuitOpenError)):
+        return ErrorKind.LOCAL  # before the server's codes: a refusal may carry one
     if isinstance(exc, driver_errors.ServerException):
         code = exc.code or 0
         if code in AUTH_CODES:
             return ErrorKind.AUTH
-        if code in TRANSIENT_CODES:
+        if code in TRANSIENT_CODES and not _query_limit(exc):
             return ErrorKind.TRANSIENT
         return ErrorKind.DETERMINISTIC
-    if isinstance(exc, (ClientClosedError, PoolTimeoutError, CircuitOpenError)):
-        return ErrorKind.LOCAL
     if isinstance(exc, ClickHouseUnavailableError):
         return ErrorKind.TRANSPORT
     if isinstance(exc, _TRANSPORT_TYPES):

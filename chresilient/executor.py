@@ -102,6 +102,8 @@ class Executor:
                     columnar=columnar,
                 )
 
+        if statement.background:  # the spool replayer's: nobody's call, no span
+            return self.call_on_host(body, statement)
         with tracing.call(query, self.database, self.trace_query_text):
             return self.call_on_host(body, statement)
 
@@ -119,6 +121,8 @@ class Executor:
         if tracing.current() is not None or not tracing.enabled():
             return self.stream(start, statement)
         span = tracing.start(query, self.database, self.trace_query_text)
+        if span is None:  # the tracer failed (logged): no span
+            return self.stream(start, statement)
         try:
             with tracing.joined(span):
                 rows = self.stream(start, statement)

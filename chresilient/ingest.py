@@ -197,18 +197,18 @@ class Inserter:
         _offset: int = 0,
     ) -> InsertResult:
         table_sql = quote_table(table)
+        # Rows first: a generator may make calls of its own, which are not the insert's.
+        batch, names = shape_rows(rows, column_names, offset=_offset)
         with tracing.call(f"INSERT INTO {table_sql}", None):
-            return self._insert(table_sql, rows, column_names, settings, _offset)
+            return self._insert(table_sql, batch, names, settings)
 
     def _insert(
         self,
         table_sql: str,
-        rows: Iterable[Any],
-        column_names: Sequence[str] | None,
+        batch: list[Any],
+        names: tuple[str, ...] | None,
         settings: Mapping[str, Any] | None,
-        _offset: int,
     ) -> InsertResult:
-        batch, names = shape_rows(rows, column_names, offset=_offset)
         batch_id = str((settings or {}).get(DEDUP_SETTING) or uuid.uuid4().hex)
         if not batch:
             return InsertResult(rows=0, delivered=True, spooled=False, batch_id=batch_id)

@@ -346,6 +346,7 @@ class HostPool:
         """
         self._idle = weakref.WeakSet()
         self._idle_lock = threading.Lock()
+        self._local = threading.local()  # the parent's last checkout is not this process's
         self._busy = set()
         self._connecting = set()
         self._busy_lock = threading.Lock()

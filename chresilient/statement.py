@@ -117,7 +117,7 @@ class Statement:
             deduplicated=is_write
             and bool(settings and settings.get(DEDUP_SETTING))
             and dedup_supported(),
-            what="insert" if is_write else "query",
+            what=("insert" if verb == "insert" else "statement") if is_write else "query",
         )
 
 

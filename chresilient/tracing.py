@@ -19,11 +19,14 @@ pool and the retry loop would split into one span per attempt.
 from __future__ import annotations
 
 import contextvars
+import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, Callable, TypeVar
 
-from .errors import classify
+import structlog
+
+from .errors import classify, describe
 from .statement import query_verb
 
 try:
@@ -32,6 +35,8 @@ try:
 except ImportError:  # the ``otel`` extra is not installed
     trace = None  # type: ignore[assignment]
 
+T = TypeVar("T")
+log = structlog.get_logger("chresilient.tracing")
 SYSTEM = "clickhouse"
 _CURRENT: contextvars.ContextVar[Any] = contextvars.ContextVar("chresilient_span", default=None)
 
@@ -78,15 +83,15 @@ def call(query: str, database: str | None, query_text: bool = False) -> Iterator
     if outer is not None:
         if not outer.named:  # the first statement of an outer call (an insert) names it
             outer.named = True
-            outer.span.set_attribute("db.namespace", database)
+            _quietly(outer.span.set_attribute, "db.namespace", database)
             if query_text:
-                outer.span.set_attribute("db.query.text", query)
+                _quietly(outer.span.set_attribute, "db.query.text", query)
         yield outer.span
         return
-    if not enabled():
+    span = start(query, database, query_text) if enabled() else None
+    if span is None:
         yield None
         return
-    span = start(query, database, query_text)
     token = _CURRENT.set(_Call(span, named=database is not None))
     try:
         yield span
@@ -95,11 +100,16 @@ def call(query: str, database: str | None, query_text: bool = False) -> Iterator
         raise
     finally:
         _CURRENT.reset(token)
-        span.end()
+        _quietly(span.end)
 
 
 def start(query: str, database: str | None, query_text: bool = False) -> Any:
-    """A started span, not made current (a stream ends it when it ends: see stream())."""
+    """A started span, not made current (a stream ends it when it ends: see stream());
+    None if the tracer failed."""
+    return _quietly(_start, query, database, query_text)
+
+
+def _start(query: str, database: str | None, query_text: bool) -> Any:
     verb = query_verb(query).upper() or "QUERY"
     tracer = trace.get_tracer("chresilient", tracer_provider=_SETUP["provider"])
     span = tracer.start_span(verb, kind=SpanKind.CLIENT)
@@ -112,16 +122,39 @@ def start(query: str, database: str | None, query_text: bool = False) -> Any:
     return span
 
 
+class TracedRows:
+    """``rows``, ending ``span`` (with the error, if any) when the iteration ends, when
+    the caller closes it, or when it is dropped unread."""
+
+    def __init__(self, rows: Iterator[Any], span: Any) -> None:
+        self._rows, self._span = rows, span
+        self._end = weakref.finalize(self, _quietly, span.end)
+
+    def __iter__(self) -> TracedRows:
+        return self
+
+    def __next__(self) -> Any:
+        try:
+            return next(self._rows)
+        except StopIteration:
+            self._end()
+            raise
+        except BaseException as exc:
+            failed(self._span, exc)
+            self._end()
+            raise
+
+    def close(self) -> None:
+        try:
+            close = getattr(self._rows, "close", None)
+            if close is not None:
+                close()
+        finally:
+            self._end()
+
+
 def stream(rows: Iterator[Any], span: Any) -> Iterator[Any]:
-    """``rows``, ending ``span`` (with the error, if any) when the iteration ends."""
-    try:
-        yield from rows
-    except BaseException as exc:
-        if not isinstance(exc, GeneratorExit):
-            failed(span, exc)
-        raise
-    finally:
-        span.end()
+    return TracedRows(rows, span)
 
 
 @contextmanager
@@ -136,42 +169,55 @@ def joined(span: Any) -> Iterator[None]:
 
 def failed(span: Any, exc: BaseException) -> None:
     name = type(exc).__name__
-    span.set_attribute("error.type", name)
-    span.set_status(Status(StatusCode.ERROR, name))
+    _quietly(span.set_attribute, "error.type", name)
+    _quietly(span.set_status, Status(StatusCode.ERROR, name))
+
+
+_WARNED: list[bool] = []
+
+
+def _quietly(fn: Callable[..., T], *args: Any) -> T | None:
+    """Run an OpenTelemetry call; a failing SDK, exporter or provider never fails the
+    database call it describes (logged once)."""
+    try:
+        return fn(*args)
+    except Exception as exc:
+        if not _WARNED:
+            _WARNED.append(True)
+            log.warning("tracing_failed", error=describe(exc), hint="spans may be incomplete")
+        return None
 
 
 def attempt(address: tuple[str, int]) -> None:
     """The current attempt goes to ``address`` (the last one is the host that answered)."""
     span = current()
     if span is not None:
-        span.set_attribute("server.address", address[0])
-        span.set_attribute("server.port", address[1])
+        _quietly(span.set_attribute, "server.address", address[0])
+        _quietly(span.set_attribute, "server.port", address[1])
 
 
 def retry(attempt_no: int, exc: BaseException, delay: float) -> None:
     """One event per retry: what failed and how long the backoff waits."""
     span = current()
     if span is not None:
-        span.add_event(
-            "retry",
-            {
-                "chresilient.attempt": attempt_no,
-                "error.type": type(exc).__name__,
-                "chresilient.error_kind": classify(exc).value,
-                "chresilient.retry_delay_s": round(delay, 6),
-            },
-        )
+        event = {
+            "chresilient.attempt": attempt_no,
+            "error.type": type(exc).__name__,
+            "chresilient.error_kind": classify(exc).value,
+            "chresilient.retry_delay_s": round(delay, 6),
+        }
+        _quietly(span.add_event, "retry", event)
 
 
 def breaker(state: str) -> None:
     """The breaker state of the call's last host, as the call ends."""
     span = current()
     if span is not None:
-        span.set_attribute("chresilient.breaker.state", state)
+        _quietly(span.set_attribute, "chresilient.breaker.state", state)
 
 
 def spooled() -> None:
     """The insert went to the spool instead of ClickHouse."""
     span = current()
     if span is not None:
-        span.set_attribute("chresilient.spooled", True)
+        _quietly(span.set_attribute, "chresilient.spooled", True)

@@ -6,7 +6,8 @@ brings pytest). Fixtures:
 - ``clickhouse_server``: a :class:`LocalClickHouse` (``.kill()``, ``.freeze()``, ``.thaw()``,
   ``.restart()``, ``.url``, ``.config(**changes)``). One server per session by default
   (``--clickhouse-scope=function`` or the ini option ``clickhouse_scope`` for one per test);
-  after each test it is thawed and started again if the test left it frozen or dead.
+  after each test it is thawed and started again if the test left it frozen or dead. Its
+  data stays from test to test: give each test its own tables.
 - ``clickhouse_fault_proxy``: a :class:`FaultProxy` in front of the server (refuse, reset
   mid-stream, latency, black-hole); ``clickhouse_server.config(host=proxy.host,
   port=proxy.port)`` points a manager through it.
@@ -20,13 +21,14 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
 
-from ..manager import ClickHouseConnectionManager
-from .faultproxy import FaultProxy
-from .server import LocalClickHouse, LocalClickHouseError
+if TYPE_CHECKING:  # imported by the fixtures: a pytest run that uses none pays nothing
+    from ..manager import ClickHouseConnectionManager
+    from .faultproxy import FaultProxy
+    from .server import LocalClickHouse
 
 SCOPES = ("session", "package", "module", "class", "function")
 
@@ -51,6 +53,7 @@ def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line(
         "markers", "clickhouse_config(**changes): Config changes for clickhouse_manager"
     )
+    _scope("clickhouse_server_process", config)  # a bad ini value: a usage error now
 
 
 def _scope(fixture_name: str, config: pytest.Config) -> str:
@@ -63,6 +66,8 @@ def _scope(fixture_name: str, config: pytest.Config) -> str:
 @pytest.fixture(scope=_scope)  # type: ignore[arg-type]
 def clickhouse_server_process(request: pytest.FixtureRequest) -> Iterator[LocalClickHouse]:
     """The server process behind ``clickhouse_server`` (shared for the chosen scope)."""
+    from .server import LocalClickHouse, LocalClickHouseError
+
     binary = request.config.getoption("clickhouse_binary") or os.environ.get(
         "CLICKHOUSE_SERVER_BINARY"
     )
@@ -97,6 +102,8 @@ def clickhouse_server(clickhouse_server_process: LocalClickHouse) -> Iterator[Lo
 @pytest.fixture
 def clickhouse_fault_proxy(clickhouse_server: LocalClickHouse) -> Iterator[FaultProxy]:
     """A loopback TCP proxy in front of ``clickhouse_server``, passing traffic through."""
+    from .faultproxy import FaultProxy
+
     proxy = FaultProxy((clickhouse_server.host, clickhouse_server.port)).start()
     try:
         yield proxy
@@ -109,6 +116,8 @@ def clickhouse_manager(
     request: pytest.FixtureRequest, clickhouse_server: LocalClickHouse
 ) -> Iterator[ClickHouseConnectionManager]:
     """A started manager on ``clickhouse_server``; closed after the test."""
+    from ..manager import ClickHouseConnectionManager
+
     marker = request.node.get_closest_marker("clickhouse_config")
     changes: dict[str, Any] = dict(marker.kwargs) if marker is not None else {}
     manager = ClickHouseConnectionManager(clickhouse_server.config(**changes))

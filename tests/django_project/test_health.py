@@ -4,6 +4,7 @@ policies, the system check and ``manage.py chresilient``."""
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import subprocess
@@ -156,3 +157,33 @@ def test_manage_chresilient_runs_the_cli_on_the_settings(clickhouse_server: Any)
         assert waited.returncode != 0
     finally:
         clickhouse_server.start()
+
+
+def test_other_commands_check_the_settings_but_do_not_wait_for_clickhouse(
+    settings: Any, clickhouse_server: Any
+) -> None:
+    from django.core import management
+    from django.core.management.base import SystemCheckError
+
+    where = f"{clickhouse_server.host}:{clickhouse_server.port}/default"
+    settings.CLICKHOUSE = {**settings.CLICKHOUSE, "url": f"clickhouse://default@{where}"}
+    clickhouse_server.freeze()  # a connection check would wait CHRESILIENT_CHECK_TIMEOUT
+    try:
+        management.call_command("check")  # not `manage.py check`: the settings only
+        settings.CHRESILIENT_CHECK_CONNECTION = True
+        out = io.StringIO()
+        management.call_command("check", stderr=out, stdout=out)
+        assert "chresilient.W001" in out.getvalue()
+    finally:
+        clickhouse_server.thaw()
+    settings.CHRESILIENT_CHECK_TIMEOUT = "abc"
+    with pytest.raises(SystemCheckError, match=r"chresilient\.E001.*CHRESILIENT_CHECK_TIMEOUT"):
+        management.call_command("check")
+
+
+def test_routes_with_a_trailing_slash_answer_as_without(site: Any) -> None:
+    client = Client()
+    for route in ("/", "/ready/", "/connection/"):
+        assert client.get("/health/clickhouse" + route).status_code == 200 == wsgi_status(
+            site, route
+        ), route

@@ -68,9 +68,20 @@ def test_progress_holds_its_connection_until_the_result_is_read(
     assert progress.get_result() == [(300000,)] == ch.execute(query)
     assert ch.last_query.progress.rows >= 300000
 
-    ch.execute_with_progress("SELECT CAST(2 AS Int32) AS x")
+    ch.execute_with_progress("SELECT CAST(2 AS Int32) AS x")  # dropped: cancel() finds it
     assert ch.cancel(with_column_types=True) == ([(2,)], [("x", "Int32")])
     assert checked_out(ch) == 0
+    with pytest.raises(RuntimeError, match="no pending"):
+        ch.cancel()  # nothing in flight: never touches a pooled connection
+    rows = ch.execute_iter("SELECT number FROM numbers(100000)", settings={"max_block_size": 100})
+    assert next(rows) == (0,)  # a stream holds the connection the last progress used
+    with pytest.raises(RuntimeError, match="no pending"):
+        ch.cancel()
+    assert sum(1 for _ in rows) == 99999  # the stream was not disturbed
+    ch.execute_with_progress(query)  # dropped unread: held until the next one replaces it
+    assert checked_out(ch) == 1
+    assert ch.execute_with_progress("SELECT 5").get_result() == [(5,)]
+    assert checked_out(ch) == 0  # the abandoned one was discarded, not leaked
     with pytest.raises(driver_errors.ServerException):
         list(ch.execute_with_progress("SELECT no_such_column"))
     assert checked_out(ch) == 0

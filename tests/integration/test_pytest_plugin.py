@@ -9,6 +9,7 @@ pytest_plugins = ["pytester"]
 
 USER_OUTAGE_TEST = '''
 import time
+import uuid
 
 import pytest
 
@@ -17,26 +18,22 @@ from chresilient import ClickHouseConnectionManager, ClickHouseUnavailableError,
 FAST = RetryConfig(initial_delay=0.05, max_delay=0.2, timeout_per_attempt=2, total_timeout=3)
 
 
-@pytest.mark.clickhouse_config(
-    retry=FAST,
-    schema_statements=(
-        "CREATE TABLE IF NOT EXISTS events (id UInt32) ENGINE = MergeTree ORDER BY id",
-    ),
-    spool_replay_interval=0.2,
-)
+@pytest.mark.clickhouse_config(retry=FAST, spool_replay_interval=0.2)
 def test_events_survive_a_clickhouse_crash(clickhouse_server, clickhouse_manager):
+    table = f"events_{uuid.uuid4().hex}"
+    clickhouse_manager.execute(f"CREATE TABLE {table} (id UInt32) ENGINE = MergeTree ORDER BY id")
     clickhouse_server.kill()
-    result = clickhouse_manager.insert("events", [(1,), (2,)], column_names=["id"])
+    result = clickhouse_manager.insert(table, [(1,), (2,)], column_names=["id"])
     assert result.spooled and not result.delivered
     clickhouse_server.start()
     deadline = time.monotonic() + 60
-    while clickhouse_server.query("SELECT count() FROM events") != [(2,)]:
+    while clickhouse_server.query(f"SELECT count() FROM {table}") != [(2,)]:
         assert time.monotonic() < deadline, "the spooled rows never arrived"
         time.sleep(0.1)
 
 
 def test_the_server_answers_again_in_the_next_test(clickhouse_server):
-    assert clickhouse_server.query("SELECT count() FROM events") == [(2,)]
+    assert clickhouse_server.query("SELECT 1") == [(1,)]
 
 
 def test_refused_connections_through_the_proxy(clickhouse_server, clickhouse_fault_proxy):
@@ -88,3 +85,11 @@ def test_no_server_binary_fails_with_the_install_hint(pytester: pytest.Pytester)
     )
     result.assert_outcomes(errors=1)
     result.stdout.fnmatch_lines(["*apt-get install -y clickhouse-server*"])
+
+
+def test_a_bad_scope_in_the_ini_file_is_a_usage_error(pytester: pytest.Pytester) -> None:
+    pytester.makeini("[pytest]\nclickhouse_scope = Function\n")
+    pytester.makepyfile(test_plain="def test_it():\n    pass\n")
+    result = pytester.runpytest_subprocess("-p", "no:cacheprovider")
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    result.stderr.fnmatch_lines(["*clickhouse_scope must be one of*"])

@@ -103,3 +103,41 @@ def test_server_errors_are_not_mixed_in() -> None:
     assert classify(err) is ErrorKind.TRANSPORT
     plain = ClickHouseUnavailableError("x")
     assert type(plain) is ClickHouseUnavailableError
+
+
+def test_none_timeouts_and_empty_alt_hosts_mean_the_defaults() -> None:
+    cfg = config_from_driver_args(
+        ("h",), {"connect_timeout": None, "send_receive_timeout": None, "alt_hosts": ""}
+    )
+    assert cfg.alt_hosts == ()
+    assert cfg.pool.connect_timeout == 10.0
+    assert cfg.retry.timeout_per_attempt == 300.0  # the driver's: a silent OPTIMIZE works
+    assert (
+        config_from_driver_args(("h",), {"send_receive_timeout": 7}).retry.timeout_per_attempt == 7
+    )
+    base = Config(retry=RetryConfig(timeout_per_attempt=4.0))
+    assert config_from_driver_args(("h",), {}, base).retry.timeout_per_attempt == 4.0
+
+
+def test_repr_hides_driver_options() -> None:
+    cfg = config_from_driver_args(("h",), {"keypass": "tls-key-passphrase"})
+    assert "tls-key-passphrase" not in repr(cfg) and "tls-key-passphrase" not in str(cfg)
+
+
+def test_a_breaker_refusal_is_also_the_drivers_class_of_its_last_error() -> None:
+    refused = CircuitOpenError("h:1", 2.0, driver_errors.NetworkError("refused"))  # by position
+    assert isinstance(refused, driver_errors.NetworkError)
+    assert refused.retry_after == 2.0 and isinstance(refused.last_error, driver_errors.NetworkError)
+
+
+def test_a_querys_own_memory_limit_is_not_retried_but_the_servers_is() -> None:
+    mine = driver_errors.ServerException(
+        "DB::Exception: Memory limit (for query) exceeded: would use 9.31 GiB", 241
+    )
+    total = driver_errors.ServerException(
+        "DB::Exception: Memory limit (total) exceeded: would use 9.31 GiB", 241
+    )
+    assert classify(mine) is ErrorKind.DETERMINISTIC
+    assert classify(total) is ErrorKind.TRANSIENT
+    already = driver_errors.ServerException("Query with id = q-1 is already running.", 216)
+    assert classify(already) is ErrorKind.TRANSIENT

@@ -82,3 +82,36 @@ def test_tracing_can_be_turned_off(exporter: InMemorySpanExporter) -> None:
     with tracing.call("SELECT 1", "db") as span:
         assert span is None
     assert exporter.get_finished_spans() == ()
+
+
+class _BrokenProcessor(SimpleSpanProcessor):
+    """An exporter bug: every finished span raises."""
+
+    def on_end(self, span: object) -> None:
+        raise RuntimeError("exporter bug")
+
+
+def test_a_broken_exporter_never_fails_the_call() -> None:
+    provider = TracerProvider()
+    provider.add_span_processor(_BrokenProcessor(InMemorySpanExporter()))
+    tracing.configure(provider=provider)
+    try:
+        with tracing.call("INSERT INTO t VALUES", "db") as span:
+            assert span is not None
+            tracing.retry(1, NetworkError("x"), 0.1)
+        rows = tracing.stream(iter([1]), tracing.start("SELECT 1", "db"))
+        assert list(rows) == [1]  # ending the span raised inside: swallowed
+    finally:
+        tracing.configure()
+
+
+def test_a_stream_dropped_unread_still_ends_its_span(exporter: InMemorySpanExporter) -> None:
+    import gc
+
+    rows = tracing.stream(iter([1, 2]), tracing.start("SELECT 1", "db"))
+    del rows
+    gc.collect()
+    assert len(exporter.get_finished_spans()) == 1
+    closed = tracing.stream(iter([1, 2]), tracing.start("SELECT 2", "db"))
+    closed.close()  # e.g. a streaming response whose client went away
+    assert len(exporter.get_finished_spans()) == 2

@@ -11,8 +11,8 @@ from typing import Any
 from django.conf import settings
 
 from ...config import CircuitBreakerConfig, Config, ConnectionPoolConfig, RetryConfig
-from ...config_values import url_fields
-from ...errors import ConfigError
+from ...config_values import check, parse_bool, parse_float, positive, url_fields
+from ...errors import ConfigError, describe
 from ...manager import ClickHouseConnectionManager
 
 STARTUP_POLICIES = ("background", "wait", "required")
@@ -37,11 +37,14 @@ def config_from_settings(values: Mapping[str, Any] | None) -> Config:
         except ConfigError as err:
             raise ConfigError("CLICKHOUSE['url']", err.problem) from None
     fields = {f.name for f in dataclasses.fields(Config)}
-    unknown = sorted(set(values) - fields)
+    unknown = sorted(map(str, set(values) - fields))
     if unknown:
         raise ConfigError("CLICKHOUSE", f"unknown key(s) {', '.join(unknown)}")
     top = {k: v for k, v in values.items() if k not in _SECTIONS}
-    return dataclasses.replace(base, **top, **_sections_of(base, values))
+    try:
+        return dataclasses.replace(base, **top, **_sections_of(base, values))
+    except (TypeError, ValueError) as err:  # a value of the wrong type deep in a field
+        raise ConfigError("CLICKHOUSE", describe(err)) from None
 
 
 def _sections_of(base: Config, values: Mapping[str, Any]) -> dict[str, Any]:
@@ -60,18 +63,53 @@ def _sections_of(base: Config, values: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
-def option(name: str, default: Any) -> Any:
-    """A ``CHRESILIENT_<NAME>`` setting."""
-    return getattr(settings, f"CHRESILIENT_{name}", default)
+@dataclasses.dataclass(frozen=True)
+class Options:
+    """The ``CHRESILIENT_*`` settings, checked: a bad one is a ConfigError naming it."""
+
+    startup: str = "background"
+    startup_timeout: float = 60.0
+    check_timeout: float = 5.0
+    check_connection: bool | None = None  # None: only when `manage.py check` runs
+    reconnect_token: str | None = None
+    show_details: bool = True
+
+
+def options() -> Options:
+    """Read and check every ``CHRESILIENT_*`` setting."""
+    defaults = Options()
+    values: dict[str, Any] = {}
+    for field in dataclasses.fields(Options):
+        name = f"CHRESILIENT_{field.name.upper()}"
+        value = getattr(settings, name, getattr(defaults, field.name))
+        values[field.name] = _checked(name, field.name, value)
+    return Options(**values)
+
+
+def _checked(name: str, key: str, value: Any) -> Any:
+    if key == "startup":
+        check(value in STARTUP_POLICIES, name, f"must be one of {', '.join(STARTUP_POLICIES)}")
+    elif key in ("startup_timeout", "check_timeout"):
+        try:
+            value = parse_float(value, name) if isinstance(value, str) else float(value)
+        except (TypeError, ValueError):
+            raise ConfigError(name, f"must be a number of seconds, got {value!r}") from None
+        positive(value, name)
+    elif key in ("check_connection", "show_details"):
+        if isinstance(value, str):
+            value = parse_bool(value, name)
+        check(
+            isinstance(value, bool) or (value is None and key == "check_connection"),
+            name,
+            f"must be True or False, got {value!r}",
+        )
+    elif key == "reconnect_token":
+        check(value is None or isinstance(value, str), name, "must be a string or None")
+    return value
 
 
 def startup_policy() -> str:
-    policy = option("STARTUP", "background")
-    if policy not in STARTUP_POLICIES:
-        raise ConfigError(
-            "CHRESILIENT_STARTUP", f"must be one of {', '.join(STARTUP_POLICIES)}, got {policy!r}"
-        )
-    return str(policy)
+    return options().startup
 
 
 def get_manager() -> ClickHouseConnectionManager:
@@ -89,13 +127,12 @@ def start() -> ClickHouseConnectionManager:
     """Apply ``CHRESILIENT_STARTUP``: ``background`` starts the threads and returns at once,
     ``wait`` waits up to ``CHRESILIENT_STARTUP_TIMEOUT`` and goes on degraded,
     ``required`` raises if ClickHouse does not answer in time."""
-    policy = startup_policy()
+    opts = options()
     mgr = get_manager()
-    timeout = float(option("STARTUP_TIMEOUT", 60.0))
-    if policy == "background":
+    if opts.startup == "background":
         mgr.start(wait=False)
     else:
-        mgr.start(wait=True, timeout=timeout, required=policy == "required")
+        mgr.start(wait=True, timeout=opts.startup_timeout, required=opts.startup == "required")
     return mgr
 
 

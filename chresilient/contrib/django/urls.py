@@ -5,12 +5,12 @@ same status codes and bodies; ``POST clickhouse/reconnect`` with the bearer toke
 
 from __future__ import annotations
 
-from django.urls import path, re_path
+from django.urls import re_path
 
 from .views import health
 
 app_name = "chresilient"
 urlpatterns = [
-    path("clickhouse", health, name="health"),
-    re_path(r"^clickhouse/(?P<subpath>[a-z]+)$", health, name="health-sub"),
+    re_path(r"^clickhouse/?$", health, name="health"),  # the WSGI app takes a trailing /
+    re_path(r"^clickhouse/(?P<subpath>[a-z]+)/?$", health, name="health-sub"),
 ]

@@ -10,24 +10,23 @@ from django.http import HttpRequest, HttpResponse
 from django.views.decorators.csrf import csrf_exempt
 
 from ...health.wsgi import BASE, HealthApp, health_wsgi_app
-from .runtime import get_manager, option
+from .runtime import get_manager, options
 
 _lock = threading.Lock()
-_apps: dict[int, HealthApp] = {}
+_apps: dict[tuple[int, str | None, bool], HealthApp] = {}
 
 
 def _health_app() -> HealthApp:
-    mgr = get_manager()
-    with _lock:  # one app per manager: its single-flight reconnect is shared
-        app = _apps.get(id(mgr))
+    mgr, opts = get_manager(), options()
+    key = (id(mgr), opts.reconnect_token, opts.show_details)
+    with _lock:  # one app per manager and settings: its single-flight reconnect is shared
+        app = _apps.get(key)
         if app is None or app.mgr is not mgr:
             app = health_wsgi_app(
-                mgr,
-                reconnect_token=option("RECONNECT_TOKEN", None),
-                show_details=bool(option("SHOW_DETAILS", True)),
+                mgr, reconnect_token=opts.reconnect_token, show_details=opts.show_details
             )
             _apps.clear()
-            _apps[id(mgr)] = app
+            _apps[key] = app
         return app
 
 

@@ -1,16 +1,16 @@
 """``manage.py chresilient <wait|check|health|metrics|spool|schema> ...``: the chresilient
 command with the project's settings (``CLICKHOUSE``) as its configuration; the same
-subcommands, options and exit codes (docs/operations.md)."""
+subcommands, options and exit codes (docs/operations.md). Logging stays the project's."""
 
 from __future__ import annotations
 
 import argparse
-import sys
 from typing import Any, TextIO, cast
 
-from django.core.management.base import BaseCommand, CommandParser
+from django.core.management.base import BaseCommand, CommandError, CommandParser
 
-from .....cli import main
+from .....cli import EXIT_USAGE, main
+from .....errors import ConfigError
 from ...runtime import config_from_settings
 
 
@@ -20,16 +20,28 @@ class Command(BaseCommand):  # type: ignore[misc]  # Django has no types
     requires_system_checks: list[str] = []
 
     def add_arguments(self, parser: CommandParser) -> None:
+        parser.add_argument("--url", help="instead of settings.CLICKHOUSE")
+        parser.add_argument("--log-level", dest="cli_log_level", default=None)
         parser.add_argument("cli_args", nargs=argparse.REMAINDER, help="e.g. health --json")
 
     def handle(self, *args: Any, **options: Any) -> None:
         from django.conf import settings
 
-        config = config_from_settings(getattr(settings, "CLICKHOUSE", None))
+        argv = list(options["cli_args"])
+        if options.get("url"):
+            argv = ["--url", options["url"], *argv]
+        if options.get("cli_log_level"):
+            argv = ["--log-level", options["cli_log_level"], *argv]
+        try:
+            config = config_from_settings(getattr(settings, "CLICKHOUSE", None))
+        except ConfigError as err:
+            raise CommandError(f"configuration error: {err}", returncode=EXIT_USAGE) from None
         out = cast(TextIO, _Verbatim(self.stdout))
-        code = main(list(options["cli_args"]), out=out, config=config)
+        code = main(argv, out=out, config=config)
         if code:
-            sys.exit(code)
+            raise CommandError(
+                f"chresilient {' '.join(argv[:1])} exited with {code}", returncode=code
+            )
 
 
 class _Verbatim:

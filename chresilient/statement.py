@@ -6,6 +6,7 @@ checks ask one module instead of sniffing queries each in their own way.
 
 from __future__ import annotations
 
+import functools
 import re
 import types
 from collections.abc import Iterator, Mapping, Sequence
@@ -37,6 +38,7 @@ SESSION_ADVICE = {
 }
 
 
+@functools.lru_cache(maxsize=1024)  # an application sends the same few texts again
 def query_verb(query: str) -> str:
     """The first keyword of ``query`` in lower case, after comments and parentheses."""
     start = _LEADING_NOISE.match(query)

@@ -110,6 +110,9 @@ def shape_rows(
     if isinstance(batch[0], Mapping):
         return _dict_rows(batch, names, offset)
     width = len(names) if names is not None else _width(batch[0], offset)
+    plain = (tuple, list)  # the common rows: checked without an ABC lookup per row
+    if all(type(row) in plain and len(row) == width for row in batch):
+        return batch, names
     for i, row in enumerate(batch):
         if isinstance(row, (str, bytes, Mapping)) or _width(row, offset + i) != width:
             raise InvalidBatchError(_shape_message(row, offset + i, width, names))

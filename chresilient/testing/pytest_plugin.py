@@ -63,23 +63,30 @@ def _scope(fixture_name: str, config: pytest.Config) -> str:
     return str(scope)
 
 
-@pytest.fixture(scope=_scope)  # type: ignore[arg-type]
-def clickhouse_server_process(request: pytest.FixtureRequest) -> Iterator[LocalClickHouse]:
-    """The server process behind ``clickhouse_server`` (shared for the chosen scope)."""
+def started_server(hint: str = "", **kwargs: Any) -> LocalClickHouse:
+    """A started :class:`LocalClickHouse`, or a test failure that says why (and ``hint``:
+    how to get a server); never a skip."""
     from .server import LocalClickHouse, LocalClickHouseError
 
-    binary = request.config.getoption("clickhouse_binary") or os.environ.get(
-        "CLICKHOUSE_SERVER_BINARY"
-    )
     try:
-        server = LocalClickHouse(binary=binary)
+        server = LocalClickHouse(**kwargs)
     except LocalClickHouseError as err:
-        pytest.fail(f"clickhouse_server: {err}", pytrace=False)
+        pytest.fail(f"clickhouse_server: {err}" + (f"\n{hint}" if hint else ""), pytrace=False)
     try:
         server.start()
     except LocalClickHouseError as err:
         server.cleanup(graceful=False)
         pytest.fail(f"clickhouse_server did not start: {err}", pytrace=False)
+    return server
+
+
+@pytest.fixture(scope=_scope)  # type: ignore[arg-type]
+def clickhouse_server_process(request: pytest.FixtureRequest) -> Iterator[LocalClickHouse]:
+    """The server process behind ``clickhouse_server`` (shared for the chosen scope)."""
+    binary = request.config.getoption("clickhouse_binary") or os.environ.get(
+        "CLICKHOUSE_SERVER_BINARY"
+    )
+    server = started_server(binary=binary)
     try:
         yield server
     finally:

@@ -24,7 +24,8 @@ import pytest
 from clickhouse_driver import Client, errors
 
 from chresilient import CircuitBreakerConfig, ClickHouseUnavailableError, Config, RetryConfig
-from chresilient.testing.server import LocalClickHouse, LocalClickHouseError
+from chresilient.testing.pytest_plugin import started_server
+from chresilient.testing.server import LocalClickHouse
 
 ENV_URL = "CLICKHOUSE_TEST_URL"
 
@@ -111,16 +112,7 @@ def docker_available(timeout: float = 5.0) -> bool:
 
 def start_local_server(**kwargs: Any) -> LocalClickHouse:
     """A started LocalClickHouse, or a test failure explaining how to get one."""
-    try:
-        server = LocalClickHouse(**kwargs)
-    except LocalClickHouseError as exc:
-        pytest.fail(f"{exc}\n{HOW_TO_GET_A_SERVER}", pytrace=False)
-    try:
-        server.start()
-    except LocalClickHouseError as exc:
-        server.cleanup(graceful=False)
-        pytest.fail(f"local clickhouse-server failed to start: {exc}", pytrace=False)
-    return server
+    return started_server(hint=HOW_TO_GET_A_SERVER, **kwargs)
 
 
 def fast_client(host: str, port: int, timeout: float = 1.0, **kwargs: Any) -> Client:

@@ -44,14 +44,15 @@ def _table(rows: Sequence[Row]) -> list[str]:
 # "How it works"); printed under the table for every row whose target was not met.
 WHY_MISSED = {
     "1. per call": (
-        "chresilient skips the driver's ping before every query (the ping-free driver alone "
-        "measured 0.82-0.83x of the bare driver here), but its own path costs about 40 us "
-        "per call warm and 75-100 us when the CPU caches are cold: SQLAlchemy's QueuePool "
-        "checkout and checkin with their events (about 19 us warm), the socket peek, and "
-        "the retry, breaker and metrics bookkeeping. Interleaving six candidates keeps those "
-        "caches cold; interleaving only the bare driver, the ping-free driver and "
-        "chresilient measured 0.96-0.97x on SELECT 1. On a 10,000-row select the saving "
-        "and the cost are both about 2-4% of a call, below what 200 rounds resolve."
+        "the floor is the ping-free driver row (the driver without its ping before every "
+        "query); the note on chresilient's row is its distance to that floor, and the rows "
+        "'chresilient's own path, warm' measure what chresilient adds per call in a tight "
+        "loop: SQLAlchemy's QueuePool checkout and checkin, then the liveness peek, the "
+        "socket timeout and close() tracking, then the breaker, retry and metrics "
+        "bookkeeping. Between real queries, with six candidates interleaved, the same work "
+        "runs with cold CPU caches and costs several times its warm figure, which is the "
+        "rest of the distance. On a 10,000-row select the ping saved and the path added are "
+        "both a few percent of a call."
     ),
     "7. tracing hooks": (
         "the default path asks OpenTelemetry whether a TracerProvider is set (one function "
@@ -60,11 +61,16 @@ WHY_MISSED = {
         "candidates, not the hook (see the us figure in the note)."
     ),
     "2. concurrency": (
-        "With 10 threads on the same pool chresilient measured 1.08x the 10 bare clients; "
-        "the loss at 32 threads is the hand-off of connections between threads: about 22 "
-        "threads wait in the pool at any time, and every checkin wakes one of them and "
-        "moves the GIL, which ten threads that each own a client never pay. On 2 cores "
-        "that scheduling work is also taken from the server."
+        "32 threads share 10 connections: a returned connection is handed to the oldest "
+        "waiting thread (one wake-up per checkin), but every hand-off still moves the GIL "
+        "between threads, which ten threads that each own a client never do; on 2 cores "
+        "that scheduling is also taken from the server."
+    ),
+    "6. spool": (
+        "see the step-by-step rows: a replayed batch costs the bare INSERT plus its claim, "
+        "its decode and its durable ack (an fsync: a delivered batch must never be sent "
+        "again), done one after the other; a spool write costs the encode and a durable "
+        "write. Those are the figures to compare with the bare INSERT of the same batch."
     ),
 }
 

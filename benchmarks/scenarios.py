@@ -7,9 +7,11 @@ measured in the same run, by :func:`benchmarks.timing.interleaved`.
 from __future__ import annotations
 
 import contextlib
+import functools
 import statistics
 import threading
 import time
+import timeit
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -27,7 +29,10 @@ from chresilient import (
     RetryConfig,
     tracing,
 )
+from chresilient.connection import make_client
+from chresilient.spool.store import SpoolStore
 from chresilient.sqlalchemy import create_engine as chresilient_engine
+from chresilient.statement import READ
 from chresilient.testing.server import LocalClickHouse
 
 from .timing import interleaved
@@ -78,13 +83,19 @@ def _bare(server: LocalClickHouse, **kwargs: Any) -> Client:
     return Client(server.host, port=server.port, **kwargs)
 
 
+PING_FREE = "ping-free driver (the limit)"
+
+
 @contextmanager
 def _candidates(server: LocalClickHouse) -> Iterator[dict[str, Callable[[str], Any]]]:
     """Every client under test, each as ``run(query) -> rows``."""
     from clickhouse_pool import ChPool  # the bench extra
 
     bare = _bare(server)
-    mgr = ClickHouseConnectionManager(_config(server))
+    cfg = _config(server)
+    mgr = ClickHouseConnectionManager(cfg)
+    # The driver without its ping before every query: the floor for any pooled client.
+    ping_free = make_client(cfg, (server.host, server.port), cfg.retry.timeout_per_attempt)
     ch_pool = ChPool(host=server.host, port=server.port, connections_min=1, connections_max=10)
     url = f"clickhouse+native://default@{server.host}:{server.port}/default"
     sa_plain = sa.create_engine(url)
@@ -105,6 +116,7 @@ def _candidates(server: LocalClickHouse) -> Iterator[dict[str, Callable[[str], A
     try:
         yield {
             "bare driver Client": bare.execute,
+            PING_FREE: ping_free.execute,
             "chresilient": mgr.execute,
             "clickhouse-pool": via_pool,
             "SQLAlchemy native": via_engine(sa_plain),
@@ -114,28 +126,34 @@ def _candidates(server: LocalClickHouse) -> Iterator[dict[str, Callable[[str], A
     finally:
         mgr.close()
         bare.disconnect()
+        ping_free.disconnect()
         ch_pool.cleanup()
         for engine in (sa_plain, sa_ping, ours_sa):
             engine.dispose()
 
 
 def per_call(server: LocalClickHouse, size: Size) -> list[Row]:
-    """Scenario 1: one thread, SELECT 1 and a 10,000-row select."""
+    """Scenario 1: one thread, SELECT 1 and a 10,000-row select; then what chresilient's
+    own path costs per call, warm (no query: the pool alone, then the whole call)."""
     rows: list[Row] = []
     queries = [
-        ("SELECT 1", "SELECT 1", size.select1_rounds, 1.0),
+        ("SELECT 1", "SELECT 1", size.select1_rounds, 0.90),
         ("10,000-row select",
          "SELECT number, toString(number) FROM system.numbers LIMIT 10000",
-         size.rows_rounds, 1.02),
+         size.rows_rounds, 0.97),
     ]
     with _candidates(server) as candidates:
         for label, query, rounds, target in queries:
-            timings = interleaved({name: (lambda run=run, query=query: run(query))
+            timings = interleaved({name: functools.partial(run, query)
                                    for name, run in candidates.items()}, rounds)
             base = timings["bare driver Client"].median
             for name, timing in timings.items():
                 ratio = timing.median / base
                 is_ours = name == "chresilient"
+                note = ""
+                if is_ours:
+                    gap = (timing.median - timings[PING_FREE].median) * 1e6
+                    note = f"{gap:+.0f} us vs the ping-free driver"
                 rows.append(Row(
                     scenario=f"1. per call: {label}",
                     candidate=name,
@@ -143,8 +161,59 @@ def per_call(server: LocalClickHouse, size: Size) -> list[Row]:
                     ratio=ratio,
                     target=f"<= {target:.2f}x" if is_ours else "",
                     met=(ratio <= target) if is_ours else None,
+                    note=note,
                 ))
-    return rows
+    return rows + _path_cost(server, size)
+
+
+def _path_cost(server: LocalClickHouse, size: Size) -> list[Row]:
+    """What chresilient's own per-call work costs, without a query: warm (a tight loop)
+    and between real queries (each step added to a ping-free SELECT 1, interleaved)."""
+    cfg = _config(server)
+    mgr = ClickHouseConnectionManager(cfg)
+    ping_free = make_client(cfg, (server.host, server.port), cfg.retry.timeout_per_attempt)
+    try:
+        mgr.execute("SELECT 1")
+        host = mgr.hosts[0]
+        queue_pool = host.pool.queue_pool
+
+        def pool_only() -> None:
+            queue_pool.connect().close()
+
+        def host_pool() -> None:
+            with host.pool.connection(cfg.retry.timeout_per_attempt):
+                pass
+
+        def whole_call() -> None:
+            mgr.executor.call(lambda conn: None, READ)
+
+        steps = {"SQLAlchemy QueuePool checkout + checkin": pool_only,
+                 "HostPool.connection(): + liveness peek, timeout, close() tracking": host_pool,
+                 "Executor.call(): + breaker, retry bookkeeping, metrics": whole_call}
+
+        def with_query(step: Callable[[], None]) -> Callable[[], Any]:
+            def run() -> Any:
+                step()
+                return ping_free.execute("SELECT 1")
+
+            return run
+
+        candidates: dict[str, Callable[[], Any]] = {"query": with_query(lambda: None)}
+        candidates.update({label: with_query(step) for label, step in steps.items()})
+        timings = interleaved(candidates, size.select1_rounds)
+        base = timings["query"].median
+        calls = max(200, size.select1_rounds * 3)
+        rows = []
+        for label, step in steps.items():
+            warm = min(timeit.repeat(step, number=calls, repeat=5)) / calls
+            cold = timings[label].median - base
+            rows.append(Row("1. per call: chresilient's own path, no query", label,
+                            f"warm {warm * 1e6:.1f} us per call; {cold * 1e6:+.0f} us "
+                            "between real queries"))
+        return rows
+    finally:
+        mgr.close()
+        ping_free.disconnect()
 
 
 def _throughput(
@@ -207,6 +276,8 @@ def concurrency(server: LocalClickHouse, size: Size) -> list[Row]:
         sampling.set()
         sampler.join(timeout=5)
         bare_total, bare_errors = _throughput(bare, 10, size.concurrency_seconds)
+        # The same pool with as many threads as connections: no thread ever waits.
+        ten_total, ten_errors = _throughput(ours, 10, size.concurrency_seconds)
     finally:
         sampling.set()
         mgr.close()
@@ -219,9 +290,13 @@ def concurrency(server: LocalClickHouse, size: Size) -> list[Row]:
         Row("2. concurrency", "bare driver, 10 clients x 10 threads", per_s(bare_total), 1.0,
             note=f"errors {len(bare_errors)}"),
         Row("2. concurrency", "chresilient, 32 threads, pool 5/max 10", per_s(ours_total), ratio,
-            target=">= 0.95x, 0 errors, <= 10 server connections",
-            met=ratio >= 0.95 and not ours_errors and peak[0] <= 10,
+            target=">= 0.97x, 0 errors, <= 10 server connections",
+            met=ratio >= 0.97 and not ours_errors and peak[0] <= 10,
             note=f"errors {len(ours_errors)}, peak server connections {peak[0]}"),
+        Row("2. concurrency", "chresilient, 10 threads, pool 5/max 10", per_s(ten_total),
+            ten_total / bare_total if bare_total else 0.0,
+            note=f"errors {len(ten_errors)}; no thread waits for a connection: the "
+                 "difference to 32 threads is the cost of handing connections over"),
     ]
 
 
@@ -359,47 +434,113 @@ def recovery(server: LocalClickHouse, size: Size) -> list[Row]:
 
 
 def spool(server: LocalClickHouse, size: Size) -> list[Row]:
-    """Scenario 6: rows/s into the spool, rows/s replayed, peak RSS for the spooled rows."""
+    """Scenario 6: rows/s into the spool and replayed from it, each interleaved in chunks
+    with bare INSERTs of the same batches into a twin table (both tables grow alike, so
+    the server's merges and part limits weigh on both); peak RSS; the steps of one batch."""
     mgr = ClickHouseConnectionManager(_config(server, spool_max_bytes=4 * 1024**3))
     bare = _bare(server)
-    table = f"bench_spool_{int(time.time())}"
-    mgr.execute(f"CREATE TABLE {table} (id UInt64, name String) ENGINE = MergeTree ORDER BY id")
-    batch = 1000
+    stamp = int(time.time())
+    table, twin = f"bench_spool_{stamp}", f"bench_bare_{stamp}"
+    for name in (table, twin):
+        mgr.execute(f"CREATE TABLE {name} (id UInt64, name String) "
+                    "ENGINE = MergeTree ORDER BY id")
+    batch, chunk = 1000, 10
+    chunks = max(1, size.spool_rows // batch // chunk)
     data = [(i, f"event-{i}") for i in range(batch)]
+
+    def bare_chunk() -> float:
+        started = time.perf_counter()
+        for _ in range(chunk):
+            bare.execute(f"INSERT INTO {twin} (id, name) VALUES", data)
+        return time.perf_counter() - started
+
+    def spool_chunk() -> float:
+        started = time.perf_counter()
+        for _ in range(chunk):
+            assert mgr.insert(table, data, ["id", "name"]).spooled
+        return time.perf_counter() - started
+
     try:
         rss_before = _rss_kib("VmRSS")
         mgr.hosts[0].breaker.force_open(ConnectionError("benchmark: spool everything"))
-        started = time.perf_counter()
-        for _ in range(size.spool_rows // batch):
-            result = mgr.insert(table, data, ["id", "name"])
-            assert result.spooled
-        write = size.spool_rows / (time.perf_counter() - started)
+        write = bare_write = 0.0
+        for _ in range(chunks):
+            write += spool_chunk()
+            bare_write += bare_chunk()
         peak = _rss_kib("VmHWM")
         mgr.hosts[0].breaker.reset()
         assert mgr.spool is not None
-        started = time.perf_counter()
-        report = mgr.spool.replay()
-        replay = report.rows / (time.perf_counter() - started)
-        started = time.perf_counter()
-        for _ in range(max(1, size.spool_rows // batch // 10)):
-            bare.execute(f"INSERT INTO {table} (id, name) VALUES", data)
-        direct = max(1, size.spool_rows // batch // 10) * batch / (time.perf_counter() - started)
+        replay = bare_replay = 0.0
+        replayed, outcome = 0, "empty"
+        for _ in range(chunks):
+            started = time.perf_counter()
+            report = mgr.spool.replay(limit=chunk)
+            replay += time.perf_counter() - started
+            replayed, outcome = replayed + report.rows, report.outcome
+            bare_replay += bare_chunk()
         stored = mgr.execute(f"SELECT count() FROM {table}")[0][0]
+        steps = _spool_steps(server.base_dir / "spool-steps", data, max(10, chunks * 2))
     finally:
-        mgr.execute(f"DROP TABLE IF EXISTS {table}")
+        for name in (table, twin):
+            mgr.execute(f"DROP TABLE IF EXISTS {name}")
         mgr.close()
         bare.disconnect()
-    expected = size.spool_rows + max(1, size.spool_rows // batch // 10) * batch
-    return [
-        Row("6. spool", "bare driver INSERT, 1000-row batches", f"{direct:,.0f} rows/s", 1.0),
-        Row("6. spool", "insert() into the spool (breaker open)", f"{write:,.0f} rows/s",
-            write / direct, note=f"{size.spool_rows:,} rows in {batch}-row batches"),
-        Row("6. spool", "replay into ClickHouse", f"{replay:,.0f} rows/s", replay / direct,
-            note=f"{report.rows:,} rows, outcome {report.outcome}; "
-                 f"{'all rows stored' if stored == expected else f'{stored} of {expected}'}"),
+    rows_total = chunks * chunk * batch
+
+    def rate(seconds: float) -> str:
+        return f"{rows_total / seconds:,.0f} rows/s"
+
+    out = [
+        Row("6. spool", "bare driver INSERT, 1000-row batches, beside the writes",
+            rate(bare_write), 1.0),
+        Row("6. spool", "insert() into the spool (breaker open)", rate(write),
+            bare_write / write, target=">= 2.00x", met=bare_write / write >= 2.0,
+            note=f"{rows_total:,} rows in {batch}-row batches, {chunk} per chunk"),
+        Row("6. spool", "bare driver INSERT, 1000-row batches, beside the replay",
+            rate(bare_replay), 1.0),
+        Row("6. spool", "replay into ClickHouse", rate(replay), bare_replay / replay,
+            target=">= 0.95x", met=bare_replay / replay >= 0.95,
+            note=f"{replayed:,} rows, last outcome {outcome}; "
+                 f"{'all rows stored' if stored == rows_total else f'{stored} of {rows_total}'}"),
         Row("6. spool", "peak RSS of the benchmark process",
             f"{peak / 1024:.0f} MiB", note=f"RSS before spooling {rss_before / 1024:.0f} MiB"),
     ]
+    per_insert = bare_replay / (chunks * chunk) * 1e6
+    out.append(Row("6. spool: one 1000-row batch, step by step", "bare INSERT (the server's "
+                   "part and the send)", f"{per_insert:.0f} us"))
+    for label, seconds in steps.items():
+        out.append(Row("6. spool: one 1000-row batch, step by step", label,
+                       f"{seconds * 1e6:.0f} us"))
+    return out
+
+
+def _spool_steps(directory: Any, data: list[tuple[Any, ...]], count: int) -> dict[str, float]:
+    """Mean seconds per batch of each spool step on its own (no server involved)."""
+    store = SpoolStore(str(directory), target="loopback:9000/bench", max_bytes=1 << 32)
+    put = claim = decode = ack = 0.0
+    try:
+        for i in range(count):
+            started = time.perf_counter()
+            store.put("t", ["id", "name"], data, batch_id=f"step-{i}")
+            put += time.perf_counter() - started
+        for _ in range(count):
+            t0 = time.perf_counter()
+            claimed = store.claim(lease_seconds=60.0)
+            t1 = time.perf_counter()
+            assert claimed is not None
+            claimed.decode_rows()
+            t2 = time.perf_counter()
+            store.ack(claimed)
+            t3 = time.perf_counter()
+            claim, decode, ack = claim + t1 - t0, decode + t2 - t1, ack + t3 - t2
+    finally:
+        store.close()
+    return {
+        "put: encode and a durable (fsynced) write": put / count,
+        "claim: choose and lease (not synced)": claim / count,
+        "decode the stored rows": decode / count,
+        "ack: a durable (fsynced) delete": ack / count,
+    }
 
 
 def _rss_kib(field: str) -> int:

@@ -7,6 +7,7 @@ a connection sat idle longer than ``ping_after_idle``.
 
 from __future__ import annotations
 
+import math
 import os
 import select
 import socket
@@ -24,6 +25,8 @@ from .config_values import HostPort
 
 # Longest wait for the driver's own ping of an idle connection.
 PING_TIMEOUT = 5.0
+# Socket timeouts are set in steps of this many seconds (rounded down).
+TIMEOUT_STEP = 0.01
 
 
 class NoPingConnection(Connection):  # type: ignore[misc]
@@ -49,6 +52,11 @@ class PooledConnection:
         self.created = time.monotonic()
         self.last_used = self.created
         self.pings = 0  # liveness pings sent (the pool counts them)
+        self.checkouts = 0  # the first needs no liveness check: the connect just happened
+        self.timeout: float | None = None  # what set_timeout() last set, on which socket
+        self._timed_socket: socket.socket | None = None
+        self._poller: Any = None  # select.poll() of the socket with descriptor _polled_fd
+        self._polled_fd = -1
         self.pruned = False  # closed by HostPool.prune() while idle; guarded by its lock
         # Optional features of the server this connection talks to (set on connect).
         self.features: Mapping[str, bool] = {}
@@ -58,11 +66,20 @@ class PooledConnection:
         return self.client.connection
 
     def set_timeout(self, seconds: float) -> None:
-        """Bound every socket read and write of the next attempt."""
+        """Bound every socket read and write of the next attempt.
+
+        Rounded down to 10 ms (never longer than asked) and skipped when unchanged: most
+        calls ask for the same per-attempt timeout, and ``settimeout`` is a system call.
+        """
+        if seconds > TIMEOUT_STEP:
+            seconds = math.floor(seconds / TIMEOUT_STEP) * TIMEOUT_STEP
+        if seconds == self.timeout and self.connection.socket is self._timed_socket:
+            return
+        self.timeout = seconds
         conn = self.connection
         conn.send_receive_timeout = seconds
         conn.sync_request_timeout = min(seconds, PING_TIMEOUT)
-        sock = conn.socket
+        sock = self._timed_socket = conn.socket
         if sock is not None:
             sock.settimeout(seconds)
 
@@ -77,7 +94,7 @@ class PooledConnection:
         sock = conn.socket
         if not conn.connected or sock is None:
             return False
-        if _socket_is_readable(sock):
+        if self._readable(sock):
             return False  # EOF, reset, or bytes nobody asked for
         if time.monotonic() - self.last_used < ping_after_idle:
             return True
@@ -87,6 +104,20 @@ class PooledConnection:
             return bool(conn.ping())
         except Exception:
             return False
+
+    def _readable(self, sock: socket.socket) -> bool:
+        """A zero-timeout poll of the socket: it never blocks, whatever timeout the socket
+        has (``recv(MSG_PEEK)`` would wait that long first). The poll object is kept with
+        the connection: registering once is cheaper than ``select()`` building its sets."""
+        try:
+            fd = sock.fileno()
+            if self._polled_fd != fd:
+                poller = select.poll()
+                poller.register(fd, select.POLLIN | select.POLLPRI)
+                self._poller, self._polled_fd = poller, fd
+            return bool(self._poller.poll(0))
+        except (OSError, ValueError):
+            return True
 
     def close(self) -> None:
         """Called by the pool when the connection is discarded."""
@@ -113,16 +144,6 @@ class LastCheckout:
     sequence: int
     connection: PooledConnection
     query_info: Any
-
-
-def _socket_is_readable(sock: socket.socket) -> bool:
-    # select() with a zero timeout never blocks, whatever timeout the socket has;
-    # recv(MSG_PEEK) on a socket with a timeout would wait that long first.
-    try:
-        readable, _, errored = select.select([sock], [], [sock], 0)
-    except (OSError, ValueError):
-        return True
-    return bool(readable or errored)
 
 
 def make_client(cfg: Config, address: HostPort, timeout: float) -> Client:

@@ -102,7 +102,7 @@ class Executor:
                     columnar=columnar,
                 )
 
-        if statement.background:  # the spool replayer's: nobody's call, no span
+        if statement.background or not tracing.wanted():  # e.g. the replayer's: no span
             return self.call_on_host(body, statement)
         with tracing.call(query, self.database, self.trace_query_text):
             return self.call_on_host(body, statement)
@@ -156,44 +156,65 @@ class Executor:
     ) -> T:
         """``body(host, timeout, deadline)`` under retry, breaker and failover: ``timeout``
         bounds the attempt's network operations, ``deadline`` the whole call (the wait for a
-        pooled connection included); ``tried`` collects the hosts the call went to."""
+        pooled connection included); ``tried`` collects the hosts the call went to.
+
+        The first attempt runs inline; the retry loop is entered only after it failed.
+        """
         tried = [] if tried is None else tried
-        metrics = self.metrics
-        metrics.incr("queries_total")
-        failover: Callable[[], bool] | None = None
-        if len(self.hosts) > 1:
-            failover = functools.partial(self.selector.untried_left, self.hosts, tried)
-        stats = CallStats()
+        policy = self.policy
+        stats = CallStats(attempts=1)
         started = time.perf_counter()
-        total = self.policy.total_timeout
+        total = policy.total_timeout
         deadline = Deadline(total if within is None else min(within, total or within))
+        self.budget.deposit()
         try:
-            result = call_with_retry(
-                lambda timeout: self._attempt(body, timeout, tried, deadline, statement),
-                policy=self.policy,
-                statement=statement,
-                budget=self.budget,
-                sleep=self._sleep,
-                deadline=deadline,
-                stats=stats,
-                failover=failover,
-                on_retry=tracing.retry,
-            )
+            try:
+                result = self._attempt(
+                    body, deadline.bound(policy.timeout_per_attempt), tried, deadline, statement
+                )
+            except CircuitOpenError:
+                raise
+            except Exception as first:
+                result = self._retry(body, statement, tried, deadline, stats, first)
         except BaseException as exc:
             if tried:
                 tracing.breaker(tried[-1].breaker.state.value)
             elif isinstance(exc, CircuitOpenError):
                 tracing.breaker("open")
-            metrics.observe_duration(time.perf_counter() - started)
-            metrics.incr("retry_attempts", stats.retries)
-            metrics.error(classify(exc).value)
+            self.metrics.record_call(
+                time.perf_counter() - started, stats.retries, classify(exc).value
+            )
             raise
-        metrics.observe_duration(time.perf_counter() - started)
+        self.metrics.record_call(time.perf_counter() - started, stats.retries)
         if tracing.current() is not None:
             tracing.breaker(tried[-1].breaker.state.value)
-        if stats.retries:
-            metrics.incr("retry_attempts", stats.retries)
         return result
+
+    def _retry(
+        self,
+        body: Callable[[HostState, float, Deadline], T],
+        statement: Statement,
+        tried: list[HostState],
+        deadline: Deadline,
+        stats: CallStats,
+        first: Exception,
+    ) -> T:
+        """The retry loop, after the first attempt failed with ``first``."""
+        failover: Callable[[], bool] | None = None
+        if len(self.hosts) > 1:
+            failover = functools.partial(self.selector.untried_left, self.hosts, tried)
+        return call_with_retry(
+            lambda timeout: self._attempt(body, timeout, tried, deadline, statement),
+            policy=self.policy,
+            statement=statement,
+            budget=self.budget,
+            sleep=self._sleep,
+            deadline=deadline,
+            stats=stats,
+            failover=failover,
+            on_retry=tracing.retry,
+            failed=first,
+        )
 
     def checkout(
         self,

@@ -75,12 +75,20 @@ class Metrics:
             self._counters["query_errors_total"] += 1
             self._errors_by_kind[kind] = self._errors_by_kind.get(kind, 0) + 1
 
-    def observe_duration(self, seconds: float) -> None:
-        """Record one call's duration (retries and waits included); cheap, it is per call."""
+    def record_call(self, seconds: float, retries: int = 0, error: str | None = None) -> None:
+        """One call through the executor: counted, timed, its retries and its error kind
+        (None: it succeeded), under one lock."""
         slot = bisect.bisect_left(DURATION_BUCKETS, seconds)
         with self._lock:
+            counters = self._counters
+            counters["queries_total"] += 1
             self._duration_counts[slot] += 1
             self._duration_sum += seconds
+            if retries:
+                counters["retry_attempts"] += retries
+            if error is not None:
+                counters["query_errors_total"] += 1
+                self._errors_by_kind[error] = self._errors_by_kind.get(error, 0) + 1
 
     def durations(self) -> tuple[list[tuple[float, int]], float, int]:
         """Cumulative ``(upper_bound, count)`` buckets ending with +Inf, the sum, the count."""

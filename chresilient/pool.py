@@ -1,9 +1,11 @@
 """A SQLAlchemy ``QueuePool`` of clickhouse-driver connections with a cheap liveness check.
 
 The pool holds :class:`~chresilient.connection.PooledConnection` objects, each wrapping one
-driver ``Client`` with one socket, and checks them on checkout (see ``is_alive``). Pool
-events (connect, checkout, checkin, invalidate) feed :class:`PoolStats` and record what
-the server said about itself.
+driver ``Client`` with one socket. A connection taken from the pool is checked inline on
+the way out (pruned, older than a server restart, closed, or a socket peek; see
+``is_alive``), not by a checkout listener: the per-call path runs no pool events (users'
+own listeners still fire). The connect and invalidate events feed :class:`PoolStats` and
+record what the server said about itself.
 """
 
 from __future__ import annotations
@@ -12,7 +14,6 @@ import itertools
 import socket
 import threading
 import time
-import weakref
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
@@ -37,13 +38,17 @@ from .errors import (
     PoolTimeoutError,
     classify,
 )
-from .retry import Deadline
+from .handoff import HandoffPool
+from .retry import AttemptClock, Deadline
 from .server import ServerInfo, detect_features
 
 log = structlog.get_logger("chresilient.pool")
 
 # Orders the checkouts of all pools (itertools.count is atomic under the GIL).
 _CHECKOUTS = itertools.count()
+# Connections a checkout may find unusable in a row before it gives up (each one found is
+# discarded; the record reconnects on its next checkout).
+CHECKOUT_TRIES = 3
 
 
 @dataclass
@@ -65,6 +70,15 @@ class PoolStats:
         with self.lock:
             for name, delta in deltas.items():
                 setattr(self, name, getattr(self, name) + delta)
+
+    def checkout(self, hit: bool) -> None:
+        """One checkout (the per-call path: one lock, no keyword loop)."""
+        with self.lock:
+            self.checkouts += 1
+            if hit:
+                self.hits += 1
+            else:
+                self.misses += 1
 
     def as_dict(self) -> dict[str, int]:
         return {
@@ -97,9 +111,10 @@ class HostPool:
         self.features: Mapping[str, bool] = {}
         # The checkout's time bound, so a connection made for it is bounded by it too.
         self._local = threading.local()
-        # Connections sitting in the pool, for prune(); the checkout hook takes the lock.
-        self._idle: weakref.WeakSet[PooledConnection] = weakref.WeakSet()
-        self._idle_lock = threading.Lock()
+        # Connections made before this moment are stale: a checkout found the server gone
+        # (most likely restarted) and every older connection is replaced without a peek.
+        self._stale_before = float("-inf")
+        self._check_listener = False  # see check_on_checkout()
         # close(): connections being made or checked out, whose sockets it shuts down so
         # a call blocked on a frozen server ends at once instead of at its timeout.
         self._closed = False
@@ -134,9 +149,9 @@ class HostPool:
                 self._connecting.discard(client)
         return self.connection_class(client, self.address)
 
-    def _new_pool(self) -> CheckoutBoundPool:
+    def _new_pool(self) -> HandoffPool:
         pcfg = self.cfg.pool
-        pool = CheckoutBoundPool(
+        pool = HandoffPool(
             self._create,  # any object with close() will do
             pool_size=pcfg.pool_size,
             max_overflow=pcfg.max_connections - pcfg.pool_size,
@@ -146,14 +161,19 @@ class HostPool:
             reset_on_return=None,
         )
         event.listen(pool, "connect", self._on_pool_connect)
-        event.listen(pool, "checkout", self._on_checkout)
-        event.listen(pool, "checkin", self._on_checkin)
         event.listen(pool, "invalidate", self._on_invalidate)
+        if self._check_listener:
+            event.listen(pool, "checkout", self._on_checkout)
         return pool
+
+    def check_on_checkout(self) -> None:
+        """Check connections in a checkout listener too: for users of :attr:`queue_pool`
+        that bypass :meth:`connection` (an SQLAlchemy engine on this pool)."""
+        self._check_listener = True
+        event.listen(self._pool, "checkout", self._on_checkout)
 
     # -- pool events ------------------------------------------------------------------
     def _on_pool_connect(self, dbapi_conn: PooledConnection, record: ConnectionPoolEntry) -> None:
-        record.info["fresh"] = True
         server = ServerInfo.of(dbapi_conn.connection)
         previous, self.server_info = self.server_info, server
         if previous is None or previous.revision != server.revision or not self.features:
@@ -164,41 +184,61 @@ class HostPool:
         dbapi_conn.features = self.features
         self.stats.bump(connects=1)
 
-    def _on_checkout(
-        self, dbapi_conn: PooledConnection, record: ConnectionPoolEntry, proxy: Any
-    ) -> None:
-        with self._idle_lock:
-            self._idle.discard(dbapi_conn)
-            pruned = dbapi_conn.pruned
-        if pruned:  # its socket is closed: this record reconnects instead
-            raise _PrunedError("connection was pruned while idle")
-        if record.info.pop("fresh", False):
-            self.stats.bump(checkouts=1, misses=1)
-            return
-        if not dbapi_conn.connection.connected:
-            # Closed on our side (the driver disconnects after any error): only this one.
-            raise sa_exc.DisconnectionError("connection was closed after an error")
-        # A ping of an idle connection fits the attempt.
-        pings = dbapi_conn.pings
-        alive = dbapi_conn.is_alive(self.cfg.pool.ping_after_idle, self._bound)
-        if dbapi_conn.pings != pings:
-            self.stats.bump(pings=1)
-        if not alive:
-            # The server closed the socket: most likely it restarted, so every
-            # connection made before now is stale. Recycle them all at once.
-            raise sa_exc.InvalidatePoolError("stale connection found on checkout")
-        self.stats.bump(checkouts=1, hits=1)
-
-    def _on_checkin(self, dbapi_conn: PooledConnection | None, record: ConnectionPoolEntry) -> None:
-        if dbapi_conn is not None:
-            with self._idle_lock:
-                self._idle.add(dbapi_conn)
-
     def _on_invalidate(
         self, dbapi_conn: Any, record: ConnectionPoolEntry, exception: BaseException | None
     ) -> None:
-        if not isinstance(exception, _PrunedError):
+        if not isinstance(exception, _Replaced):
             self.stats.bump(invalidations=1)
+
+    def _on_checkout(
+        self, dbapi_conn: PooledConnection, record: ConnectionPoolEntry, proxy: Any
+    ) -> None:
+        """The inline check, as a listener: SQLAlchemy reconnects the record it rejects."""
+        if dbapi_conn.checkouts:
+            unusable = self._unusable(dbapi_conn)
+            if unusable is not None:
+                raise unusable
+        dbapi_conn.checkouts += 1
+
+    # -- checkout -----------------------------------------------------------------------
+    def _unusable(self, conn: PooledConnection) -> sa_exc.DisconnectionError | None:
+        """Why a connection that was used before must not be used now, or None.
+
+        Pruned while idle, or made before a server restart was seen: replaced quietly.
+        Closed on our side (the driver disconnects after any error): only this one. Found
+        dead by the peek (or a ping after a long idle, bounded by the attempt): the server
+        most likely restarted, so every connection made before now is stale.
+        """
+        if conn.pruned:
+            return _Replaced("connection was pruned while idle")
+        if conn.created <= self._stale_before:
+            return _Replaced("connection predates a server restart")
+        if not conn.connection.connected:
+            return sa_exc.DisconnectionError("connection was closed after an error")
+        pings = conn.pings
+        alive = conn.is_alive(self.cfg.pool.ping_after_idle, self._bound)
+        if conn.pings != pings:
+            self.stats.bump(pings=1)
+        if alive:
+            return None
+        self._stale_before = time.monotonic()
+        return sa_exc.DisconnectionError("stale connection found on checkout")
+
+    def _checkout(
+        self, pool: HandoffPool, wait: float
+    ) -> tuple[PoolProxiedConnection, PooledConnection]:
+        """A checked-out connection that passed the inline check (see :meth:`_unusable`)."""
+        for _ in range(CHECKOUT_TRIES):
+            fairy = pool.connect_within(wait)
+            conn: PooledConnection = fairy.dbapi_connection  # type: ignore[assignment]
+            hit = conn.checkouts > 0  # a new connection needs no check
+            unusable = self._unusable(conn) if hit else None
+            if unusable is None:
+                conn.checkouts += 1
+                self.stats.checkout(hit)
+                return fairy, conn
+            fairy.invalidate(unusable)  # closes it; the record reconnects when next taken
+        raise sa_exc.InvalidRequestError("no usable connection after reconnecting")
 
     # -- use --------------------------------------------------------------------------
     @contextmanager
@@ -219,7 +259,7 @@ class HostPool:
         clock = AttemptClock(timeout, deadline)
         self._local.attempt = clock
         try:
-            fairy = pool.connect_within(wait)
+            fairy, conn = self._checkout(pool, wait)
         except sa_exc.TimeoutError as err:
             raise PoolTimeoutError(
                 f"no free connection to {self.label} within {wait:.1f}s "
@@ -241,7 +281,6 @@ class HostPool:
             raise
         finally:
             self._local.attempt = None
-        conn: PooledConnection = fairy.dbapi_connection  # type: ignore[assignment]
         local = self._local
         local.last, local.sequence, local.query_info = conn, next(_CHECKOUTS), None
         with self._busy_lock:
@@ -344,8 +383,6 @@ class HostPool:
         The old pool is dropped, not disposed (disposing would shut the sockets down for
         the parent as well); locks are new, since a parent thread may have held them.
         """
-        self._idle = weakref.WeakSet()
-        self._idle_lock = threading.Lock()
         self._local = threading.local()  # the parent's last checkout is not this process's
         self._busy = set()
         self._connecting = set()
@@ -364,20 +401,22 @@ class HostPool:
 
         QueuePool recycles an old connection only when it is checked out again, so one at
         the bottom of the LIFO stack keeps its socket (and a server slot) indefinitely.
-        Each victim is marked under the lock the checkout hook takes, so a concurrent
-        checkout of it reconnects instead of using the closed socket. Returns the count.
+        Each victim is marked under the queue's lock, so a checkout that takes it next
+        reconnects instead of using the closed socket. Returns the count.
         """
         limit = self.cfg.pool.pool_recycle_time if max_age is None else max_age
         now = time.monotonic()
-        with self._idle_lock:
-            victims = [
-                c
-                for c in self._idle
-                if now - c.created >= limit and not c.pruned and c.connection.connected
-            ]
-            for conn in victims:
-                conn.pruned = True
-                self._idle.discard(conn)
+
+        def old(record: ConnectionPoolEntry) -> bool:
+            conn: PooledConnection | None = record.dbapi_connection  # type: ignore[assignment]
+            if conn is None or conn.pruned or now - conn.created < limit:
+                return False
+            if not conn.connection.connected:
+                return False
+            conn.pruned = True  # under the queue's lock: no checkout can take it meanwhile
+            return True
+
+        victims = [r.dbapi_connection for r in self._pool.select_idle(old)]
         for conn in victims:
             conn.close()
         if victims:
@@ -385,57 +424,9 @@ class HostPool:
         return len(victims)
 
 
-class AttemptClock:
-    """An attempt's time bound, started when its network work starts (after the wait for a
-    free connection): ``timeout``, cut to what the call's deadline has left by then."""
-
-    __slots__ = ("_deadline", "_ends", "_timeout")
-
-    def __init__(self, timeout: float, deadline: Deadline | None) -> None:
-        self._timeout, self._deadline = timeout, deadline
-        self._ends: float | None = None
-
-    def remaining(self) -> float:
-        if self._ends is None:
-            limit = self._timeout
-            if self._deadline is not None:
-                limit = self._deadline.bound(limit)
-            self._ends = time.monotonic() + limit
-        return max(0.001, self._ends - time.monotonic())
-
-
-class CheckoutBoundPool(QueuePool):
-    """A ``QueuePool`` whose checkout waits at most what the calling attempt has left.
-
-    QueuePool reads its wait from ``_timeout`` in ``_do_get``; that one attribute becomes
-    per thread here (the narrow seam: the rest of the pool is SQLAlchemy's own).
-    """
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        self._waits = threading.local()
-        super().__init__(*args, **kwargs)
-
-    @property
-    def _timeout(self) -> float:
-        return float(getattr(self._waits, "seconds", self._configured_timeout))
-
-    @_timeout.setter
-    def _timeout(self, seconds: float) -> None:
-        self._configured_timeout = seconds
-
-    def connect_within(self, seconds: float) -> PoolProxiedConnection:
-        """``connect()``, waiting at most ``seconds`` for a free connection."""
-        if seconds >= self._configured_timeout:  # the common case: the pool's own wait
-            return self.connect()
-        self._waits.seconds = seconds
-        try:
-            return self.connect()
-        finally:
-            del self._waits.seconds
-
-
-class _PrunedError(sa_exc.DisconnectionError):
-    """Raised by the checkout hook for a pruned connection: SQLAlchemy reconnects it."""
+class _Replaced(sa_exc.DisconnectionError):
+    """A connection discarded without being found broken (pruned while idle, or older
+    than a restart): not counted as an invalidation."""
 
 
 def _release(fairy: PoolProxiedConnection, ok: bool) -> None:

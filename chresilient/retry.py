@@ -163,6 +163,25 @@ class Deadline:
         return max(0.001, min(seconds, self.remaining()))
 
 
+class AttemptClock:
+    """An attempt's time bound, started when its network work starts (after the wait for a
+    free connection): ``timeout``, cut to what the call's deadline has left by then."""
+
+    __slots__ = ("_deadline", "_ends", "_timeout")
+
+    def __init__(self, timeout: float, deadline: Deadline | None) -> None:
+        self._timeout, self._deadline = timeout, deadline
+        self._ends: float | None = None
+
+    def remaining(self) -> float:
+        if self._ends is None:
+            limit = self._timeout
+            if self._deadline is not None:
+                limit = self._deadline.bound(limit)
+            self._ends = time.monotonic() + limit
+        return max(0.001, self._ends - time.monotonic())
+
+
 @dataclass
 class CallStats:
     """What happened during one call: read by the caller for metrics and errors."""
@@ -183,6 +202,7 @@ def call_with_retry(
     stats: CallStats | None = None,
     failover: Callable[[], bool] | None = None,
     on_retry: Callable[[int, BaseException, float], None] | None = None,
+    failed: Exception | None = None,
 ) -> T:
     """Run ``attempt(timeout)`` until it succeeds or ``policy`` no longer allows a retry.
 
@@ -194,57 +214,64 @@ def call_with_retry(
     ``failover()`` says whether the next attempt goes to a host this call has not tried;
     then the wait is at most :data:`FAILOVER_MAX_DELAY` instead of the full backoff.
     ``on_retry(attempt, error, delay)`` hears of each retry before its wait (tracing).
+    ``failed``: the caller already ran the first attempt (counted in ``stats``, its
+    budget deposit made) and it raised this; the loop starts by judging it.
     """
     what = statement.what
     stats = stats if stats is not None else CallStats()
     deadline = deadline or Deadline(policy.total_timeout)
     sleep = sleep or _plain_sleep
-    if budget is not None:
+    if budget is not None and failed is None:
         budget.deposit()
+    error: Exception | None = failed
     while True:
-        stats.attempts += 1
-        try:
-            return attempt(deadline.bound(policy.timeout_per_attempt))
-        except CircuitOpenError:
-            raise
-        except Exception as exc:
-            stats.last_error = exc
-            if not policy.is_retry(exc, statement):
-                if classify(exc) in UNAVAILABLE_KINDS:
-                    # e.g. an INSERT cut off mid-way: unsafe to repeat, and the server
-                    # did not give an answer the caller could act on.
-                    raise ClickHouseUnavailableError(
-                        f"{what} failed and is not safe to repeat", last_error=exc,
-                        attempts=stats.attempts,
-                    ) from exc
+        if error is None:
+            stats.attempts += 1
+            try:
+                return attempt(deadline.bound(policy.timeout_per_attempt))
+            except CircuitOpenError:
                 raise
-            reason = _stop_reason(stats, policy, deadline, budget)
-            if reason is not None:
+            except Exception as raised:
+                error = raised
+        exc, error = error, None
+        assert exc is not None  # what the attempt (or the caller's first attempt) raised
+        stats.last_error = exc
+        if not policy.is_retry(exc, statement):
+            if classify(exc) in UNAVAILABLE_KINDS:
+                # e.g. an INSERT cut off mid-way: unsafe to repeat, and the server
+                # did not give an answer the caller could act on.
                 raise ClickHouseUnavailableError(
-                    f"{what} failed after {stats.attempts} attempt(s): {reason}",
-                    last_error=exc,
+                    f"{what} failed and is not safe to repeat", last_error=exc,
                     attempts=stats.attempts,
                 ) from exc
-            delay = policy.backoff(stats.attempts, slow_down=server_code(exc) in SLOW_DOWN_CODES)
-            fresh_host = failover is not None and failover()
-            if fresh_host:
-                delay = min(delay, FAILOVER_MAX_DELAY)
-            delay = min(delay, max(deadline.remaining(), 0.0))
-            stats.retries += 1
-            if on_retry is not None:
-                on_retry(stats.attempts, exc, delay)
-            log.info(
-                "retrying",
-                what=what,
-                attempt=stats.attempts,
-                delay=round(delay, 3),
-                error=describe(exc),
-                failover=fresh_host,
-            )
-            if not sleep(delay):
-                raise ClickHouseUnavailableError(
-                    f"{what} abandoned: client is closing", last_error=exc, attempts=stats.attempts
-                ) from exc
+            raise exc
+        reason = _stop_reason(stats, policy, deadline, budget)
+        if reason is not None:
+            raise ClickHouseUnavailableError(
+                f"{what} failed after {stats.attempts} attempt(s): {reason}",
+                last_error=exc,
+                attempts=stats.attempts,
+            ) from exc
+        delay = policy.backoff(stats.attempts, slow_down=server_code(exc) in SLOW_DOWN_CODES)
+        fresh_host = failover is not None and failover()
+        if fresh_host:
+            delay = min(delay, FAILOVER_MAX_DELAY)
+        delay = min(delay, max(deadline.remaining(), 0.0))
+        stats.retries += 1
+        if on_retry is not None:
+            on_retry(stats.attempts, exc, delay)
+        log.info(
+            "retrying",
+            what=what,
+            attempt=stats.attempts,
+            delay=round(delay, 3),
+            error=describe(exc),
+            failover=fresh_host,
+        )
+        if not sleep(delay):
+            raise ClickHouseUnavailableError(
+                f"{what} abandoned: client is closing", last_error=exc, attempts=stats.attempts
+            ) from exc
 
 
 def _stop_reason(

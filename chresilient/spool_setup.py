@@ -99,6 +99,7 @@ def open_spool(
         interval=cfg.spool_replay_interval,
         lease_seconds=longest_call + LEASE_MARGIN,
         busy=lambda: all_busy(executor.hosts),
+        in_use=lambda: any(h.pool.checked_out() for h in executor.hosts),
         probe=probe,
         max_attempts=cfg.spool_max_attempts,
         ready=ready,

@@ -63,6 +63,7 @@ def create_engine(config: Config | str, **engine_kwargs: Any) -> sa.Engine:
     """An engine for the first host of ``config`` (a :class:`Config` or a URL)."""
     cfg = Config.from_url(config) if isinstance(config, str) else config
     pool = HostPool(cfg, cfg.hosts[0], connection_class=DbapiConnection)
+    pool.check_on_checkout()  # the engine checks out without HostPool.connection()
     engine = sa.create_engine("clickhouse+native://", pool=pool.queue_pool, **engine_kwargs)
     sa.event.listen(engine, "handle_error", _mark_disconnects)
     return engine

@@ -70,6 +70,11 @@ class _Call:
         self.span, self.named = span, named
 
 
+def wanted() -> bool:
+    """A call should go through :func:`call`: a span is open or spans are worth making."""
+    return _CURRENT.get() is not None or enabled()
+
+
 def current() -> Any:
     """The span of the call in progress on this thread (None: not traced)."""
     call = _CURRENT.get()

@@ -150,13 +150,20 @@ class SpoolDatabase:
             yield self._conn
 
     @contextlib.contextmanager
-    def write(self, action: str = "write") -> Iterator[sqlite3.Connection]:
+    def write(self, action: str = "write", *, durable: bool = True) -> Iterator[sqlite3.Connection]:
         """One ``BEGIN IMMEDIATE`` transaction: read-then-write is atomic; any failure
-        (the ``COMMIT`` included) rolls back and raises :class:`SpoolError`."""
+        (the ``COMMIT`` included) rolls back and raises :class:`SpoolError`.
+
+        ``durable=False`` commits without waiting for the disk (``synchronous=NORMAL``): for
+        writes a power cut may undo harmlessly (a replay lease dies with its owner anyway);
+        other processes see them at once all the same.
+        """
         with self._lock:
             conn: sqlite3.Connection | None = None
             try:
                 with self.locked() as conn:
+                    if not durable:
+                        conn.execute("PRAGMA synchronous = NORMAL")
                     conn.execute("BEGIN IMMEDIATE")
                     try:
                         yield conn
@@ -165,6 +172,11 @@ class SpoolDatabase:
                         if conn.in_transaction:
                             with contextlib.suppress(sqlite3.Error):
                                 conn.execute("ROLLBACK")
+                        if not durable:
+                            try:
+                                conn.execute("PRAGMA synchronous = FULL")
+                            except sqlite3.Error:
+                                self._drop_writer()  # reopened with synchronous=FULL
             except (sqlite3.Error, OSError) as err:
                 self.problem = self.error(err, action)
                 if conn is None or self.problem.cause == "corrupt":

@@ -3,9 +3,10 @@
 A replay *pass* holds the target's replay lock (one replayer per spool directory and
 target at a time, so N gunicorn workers do not all hammer a recovering server), then
 claims batches in order per table, delivers each whole with its batch id as dedup token,
-and deletes it only after ClickHouse acknowledged it. Live traffic goes first: one batch
-at a time on one connection, with a short pause between batches and a longer one while
-the pool is fully busy.
+and deletes it only after ClickHouse acknowledged it (the next batch is decoded
+meanwhile: see :mod:`chresilient.spool.readahead`). Live traffic goes first: one batch
+at a time on one connection, with a short pause between batches while other calls hold
+connections and a longer one while the pool is fully busy.
 
 When a delivery fails, a probe decides whose fault it is. If ClickHouse does not answer,
 or answers that it cannot take writes now (busy, read-only while ZooKeeper is away, too
@@ -28,7 +29,7 @@ import socket
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import structlog
@@ -48,15 +49,15 @@ from ..errors import (
 )
 from ..metrics import Metrics
 from .codec import SpoolDecodeError
+from .delivered import DELIVERED
+from .readahead import ReadAhead
 from .records import SpooledBatch
 from .store import SpoolStore
 
 log = structlog.get_logger("chresilient.spool")
 
-# Pause between two replayed batches, and the longest wait for a busy pool to free up.
-REPLAY_PAUSE = 0.002
-BUSY_WAIT = 0.05
-BUSY_WAITS_MAX = 10
+# Pause between two batches while other calls run; waits while the pool is all busy.
+REPLAY_PAUSE, BUSY_WAIT, BUSY_WAITS_MAX = 0.002, 0.05, 10
 # First backoff after an unavailable server; doubles up to the poll interval.
 FIRST_BACKOFF = 0.5
 # A failing batch waits FIRST_BACKOFF * 2**(attempts - 1), at most this long.
@@ -86,36 +87,6 @@ class ReplayReport:
         return asdict(self)
 
 
-class DeliveredBatches:
-    """Batches this process delivered whose delete could not be written yet (a full
-    disk), per spool file. One per process, shared by its replayers: a manager closed and
-    built again in the same process must not send them again."""
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._by_path: dict[str, dict[int, SpooledBatch]] = {}
-        fork.register(self)
-
-    def add(self, path: str, batch: SpooledBatch) -> None:
-        with self._lock:
-            self._by_path.setdefault(path, {})[batch.seq] = batch
-
-    def waiting(self, path: str) -> list[SpooledBatch]:
-        with self._lock:
-            return list(self._by_path.get(path, {}).values())
-
-    def done(self, path: str, batch: SpooledBatch) -> None:
-        with self._lock:
-            self._by_path.get(path, {}).pop(batch.seq, None)
-
-    def after_fork_in_child(self) -> None:
-        self._lock = threading.Lock()
-        self._by_path = {}  # the parent deletes its own
-
-
-DELIVERED = DeliveredBatches()
-
-
 class SpoolReplayer:
     """The background service that drains the spool (see the module docstring)."""
 
@@ -128,6 +99,7 @@ class SpoolReplayer:
         interval: float,
         lease_seconds: float,
         busy: Callable[[], bool] = lambda: False,
+        in_use: Callable[[], bool] = lambda: True,
         probe: Callable[[], bool] = lambda: False,
         max_attempts: int = 10,
         ready: Callable[[], bool] = lambda: True,
@@ -140,6 +112,7 @@ class SpoolReplayer:
         self.interval = interval
         self.lease_seconds = lease_seconds
         self._busy = busy
+        self._in_use = in_use  # other calls hold connections right now
         self._probe = probe
         self.max_attempts = max_attempts
         self._ready = ready  # e.g. the schema is back after a recovery
@@ -281,6 +254,21 @@ class SpoolReplayer:
         *,
         steal: bool,
     ) -> None:
+        ahead = ReadAhead(self.store, lease_seconds=self.lease_seconds, steal=steal)
+        try:
+            self._batches(report, limit, stop, ahead, steal=steal)
+        finally:
+            ahead.close()
+
+    def _batches(
+        self,
+        report: ReplayReport,
+        limit: int | None,
+        stop: threading.Event | None,
+        ahead: ReadAhead,
+        *,
+        steal: bool,
+    ) -> None:
         skip: list[str] = report.skipped_tables
         while limit is None or report.batches + report.set_aside < limit:
             if stop is not None and stop.is_set():
@@ -293,6 +281,9 @@ class SpoolReplayer:
                 if skip or self.store.totals().batches:  # some must be tried again later
                     report.outcome = "retrying"
                 return
+            batch = ahead.decoded(batch)
+            if limit is None or report.batches + report.set_aside + 1 < limit:
+                ahead.after(batch, skip)  # decoded while this one is sent
             if not self._replay_one(batch, report, stop):
                 return
             self._breathe()
@@ -347,7 +338,7 @@ class SpoolReplayer:
                 log.warning("spool_lease_lost", table=batch.table, batch_id=batch.batch_id)
             return True
         except SpoolError as err:
-            DELIVERED.add(self.store.path, batch)
+            DELIVERED.add(self.store.path, replace(batch, decoded=None))  # rows not kept
             log.error(
                 "spool_ack_failed",
                 batch_id=batch.batch_id,
@@ -426,8 +417,9 @@ class SpoolReplayer:
         )
 
     def _breathe(self) -> None:
-        """Leave room for live traffic between two batches."""
-        self._stop.wait(self.pause)
+        """Room for live traffic: a pause while other calls hold connections, more if busy."""
+        if self._in_use():
+            self._stop.wait(self.pause)
         for _ in range(BUSY_WAITS_MAX):
             if not self._busy() or self._stop.wait(BUSY_WAIT):
                 return

@@ -134,12 +134,9 @@ class SpoolStore:
         on_full: Callable[[], None] | None = None,
     ) -> PutResult:
         """Store one whole batch durably, or raise :class:`SpoolError` (``SpoolFullError``
-        when the limit or the disk is full, after the ``block`` policy's wait).
-
-        Raises :class:`chresilient.codec.SpoolEncodeError` for a value that cannot be
-        stored exactly. ``on_full`` is called while the ``block`` policy waits for space
-        (to wake the replayer).
-        """
+        when the limit or the disk is full, after the ``block`` policy's wait), or
+        ``SpoolEncodeError`` for a value that cannot be stored exactly. ``on_full`` is
+        called while the ``block`` policy waits for space (to wake the replayer)."""
         payload = codec.encode_rows(rows)
         cols = None if columns is None else codec.encode_json(list(columns))
         sets = codec.encode_json(dict(settings)) if settings else None
@@ -221,7 +218,7 @@ class SpoolStore:
         gets the batch (``leased=False``), so a full disk does not stop the spool draining.
         """
         try:
-            with self.db.write("claim") as conn:
+            with self.db.write("claim", durable=False) as conn:
                 chosen = self._next(conn, lease_seconds, skip_tables, steal)
                 if chosen is None:
                     return None
@@ -236,14 +233,26 @@ class SpoolStore:
         except SpoolFullError:
             if not steal:
                 raise
+        batch = self.peek(lease_seconds=lease_seconds, skip_tables=skip_tables, steal=steal)
+        return None if batch is None else replace(batch, leased=False)
+
+    def peek(
+        self,
+        *,
+        lease_seconds: float,
+        skip_tables: Sequence[str] = (),
+        steal: bool = False,
+        in_flight: Sequence[int] = (),
+    ) -> SpooledBatch | None:
+        """The batch :meth:`claim` would take, without leasing it (a read); batches
+        ``in_flight`` (being delivered by the caller) count as done."""
         with self.db.read() as conn:
-            chosen = self._next(conn, lease_seconds, skip_tables, steal)
+            chosen = self._next(conn, lease_seconds, skip_tables, steal, in_flight)
             if chosen is None:
                 return None
-            row = conn.execute(
-                f"SELECT {BATCH_COLUMNS} FROM batches WHERE seq = ?", (chosen,)
-            ).fetchone()
-        return replace(batch_from_row(row), leased=False)
+            row = conn.execute(f"SELECT {BATCH_COLUMNS} FROM batches WHERE seq = ?", (chosen,))
+            found = row.fetchone()
+        return None if found is None else batch_from_row(found)
 
     def _next(
         self,
@@ -251,17 +260,11 @@ class SpoolStore:
         lease_seconds: float,
         skip_tables: Sequence[str],
         steal: bool,
+        in_flight: Sequence[int] = (),
     ) -> int | None:
         where, keys = self._mine(conn)
-        return next_batch(
-            conn,
-            where,
-            keys,
-            owner=self.owner,
-            lease_seconds=lease_seconds,
-            skip_tables=skip_tables,
-            steal=steal,
-        )
+        return next_batch(conn, where, keys, owner=self.owner, lease_seconds=lease_seconds,
+                          skip_tables=skip_tables, steal=steal, in_flight=in_flight)
 
     def ack(self, batch: SpooledBatch) -> bool:
         """Delete a delivered batch; False if another owner had taken it over meanwhile.

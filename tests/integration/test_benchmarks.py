@@ -15,11 +15,18 @@ def test_quick_benchmark_run_writes_a_complete_table(tmp_path: Path) -> None:
                      "2. concurrency", "3. fail fast", "4. recovery", "5. startup gate",
                      "6. spool", "7. tracing hooks: SELECT 1"):
         assert scenario in text
-    for candidate in ("bare driver Client", "chresilient", "clickhouse-pool",
+    for candidate in ("bare driver Client", "ping-free driver (the limit)", "chresilient",
+                      "clickhouse-pool",
                       "SQLAlchemy native, pool_pre_ping", "chresilient.sqlalchemy engine"):
         assert f"| {candidate} |" in text
-    per_call = [line for line in text.splitlines() if line.startswith("| 1. per call")]
-    assert len(per_call) == 12
+    lines = text.splitlines()
+    per_call = [line for line in lines if line.startswith("| 1. per call: SELECT 1 |")
+                or line.startswith("| 1. per call: 10,000-row select |")]
+    assert len(per_call) == 14
+    own_path = [line for line in lines if line.startswith("| 1. per call: chresilient's own")]
+    assert len(own_path) == 3 and all("between real queries |" in line for line in own_path)
+    steps = [line for line in lines if line.startswith("| 6. spool: one 1000-row batch")]
+    assert len(steps) == 5
     for line in per_call:
         ratio = line.split("|")[4].strip()
         assert ratio.endswith("x") and float(ratio[:-1]) > 0

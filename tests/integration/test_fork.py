@@ -6,6 +6,7 @@ Children are real ``os.fork()`` processes; each reports through a pipe and ends 
 
 from __future__ import annotations
 
+import faulthandler
 import json
 import os
 import signal
@@ -30,6 +31,8 @@ def fork_child(work: Callable[[], dict[str, Any]]) -> tuple[int, int]:
     if pid == 0:  # pragma: no cover - the child
         code = 1
         try:
+            # A child about to count as hung shows where it is (stderr, in the report).
+            faulthandler.dump_traceback_later(CHILD_BOUND * 0.8, exit=False)
             os.close(read_end)
             os.write(write_end, json.dumps(work(), default=str).encode())
             code = 0

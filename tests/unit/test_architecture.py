@@ -22,7 +22,7 @@ HARNESS = "chresilient.testing"
 LAYERS: list[set[str]] = [
     {"errors", "fork", "metrics", "events"},
     {"config", "statement", "config_values"},
-    {"server", "breaker", "retry", "state", "connection", "driver_args", "tracing"},
+    {"server", "breaker", "retry", "state", "connection", "driver_args", "tracing", "handoff"},
     {"pool"},
     {"hosts"},
     {"executor", "startup"},

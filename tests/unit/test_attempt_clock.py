@@ -9,8 +9,7 @@ import time
 
 import pytest
 
-from chresilient.pool import AttemptClock
-from chresilient.retry import Deadline
+from chresilient.retry import AttemptClock, Deadline
 
 
 @pytest.fixture

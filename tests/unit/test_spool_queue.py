@@ -356,7 +356,7 @@ def test_on_a_full_disk_the_lock_holder_claims_without_a_lease(
     store.put("`a`", None, [(0,)], batch_id="b0")
     write = store.db.write
 
-    def full(action: str = "write") -> Any:
+    def full(action: str = "write", durable: bool = True) -> Any:
         if action == "claim":  # the lease cannot be written
             raise SpoolFullError("disk full", cause="disk full", path=str(tmp_path))
         return write(action)

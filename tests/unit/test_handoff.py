@@ -1,0 +1,119 @@
+"""The hand-off queue under the host pools: LIFO idle items, FIFO waiters, one hand-off
+per returned item, bounded waits (real threads, no server)."""
+
+from __future__ import annotations
+
+import threading
+import time
+from typing import Any
+
+import pytest
+from sqlalchemy.util.queue import Empty, Full
+
+from chresilient.handoff import HandoffPool, HandoffQueue
+
+HANG = 10.0  # guards against a hang only
+
+
+def test_idle_items_come_back_last_in_first_out() -> None:
+    queue = HandoffQueue(3)
+    for item in ("a", "b", "c"):
+        queue.put(item, False)
+    assert queue.qsize() == 3 and queue.full()
+    with pytest.raises(Full):
+        queue.put("d", False)
+    assert [queue.get(False) for _ in range(3)] == ["c", "b", "a"]
+    assert queue.empty()
+    with pytest.raises(Empty):
+        queue.get(False)
+
+
+def _waiting(queue: HandoffQueue, count: int) -> None:
+    deadline = time.monotonic() + HANG
+    while queue.waiting() < count:
+        assert time.monotonic() < deadline, "waiters did not queue up"
+        time.sleep(0.001)
+
+
+def test_a_returned_item_goes_to_the_oldest_waiter_not_to_the_idle_stack() -> None:
+    queue = HandoffQueue(1)
+    got: dict[str, Any] = {}
+
+    def wait(name: str) -> None:
+        got[name] = queue.get(True, HANG)
+
+    first = threading.Thread(target=wait, args=("first",))
+    first.start()
+    _waiting(queue, 1)
+    second = threading.Thread(target=wait, args=("second",))
+    second.start()
+    _waiting(queue, 2)
+    queue.put("x", False)
+    first.join(HANG)
+    assert got == {"first": "x"} and queue.qsize() == 0  # handed over, never idle
+    queue.put("y", False)
+    second.join(HANG)
+    assert got == {"first": "x", "second": "y"}
+
+
+def test_a_wait_ends_empty_at_its_timeout_and_leaves_no_waiter_behind() -> None:
+    queue = HandoffQueue(1)
+    with pytest.raises(Empty):
+        queue.get(True, 0.05)
+    queue.put("x", False)  # nobody waits any more: it stays idle
+    assert queue.qsize() == 1 and queue.get(False) == "x"
+
+
+def test_an_item_handed_over_as_the_wait_times_out_is_not_lost() -> None:
+    queue = HandoffQueue(1)
+    results: list[Any] = []
+    for _ in range(200):  # the hand-off races the timeout: either way nothing is lost
+        waiter = threading.Thread(target=lambda: results.append(_get_or_none(queue, 0.001)))
+        waiter.start()
+        queue.put("x", False)
+        waiter.join(HANG)
+        taken = results.pop()
+        if taken is None:
+            assert queue.get(False) == "x"
+        else:
+            assert taken == "x" and queue.empty()
+
+
+def _get_or_none(queue: HandoffQueue, timeout: float) -> Any:
+    try:
+        return queue.get(True, timeout)
+    except Empty:
+        return None
+
+
+def test_select_idle_sees_only_idle_items() -> None:
+    queue = HandoffQueue(3)
+    for item in (1, 2, 3):
+        queue.put(item, False)
+    taken = queue.get(False)
+    assert taken == 3
+    assert queue.select_idle(lambda item: item % 2 == 1) == [1]
+
+
+class _Conn:
+    closed = 0
+
+    def close(self) -> None:
+        _Conn.closed += 1
+
+    def rollback(self) -> None:
+        pass
+
+
+def test_the_pool_keeps_queuepool_accounting_and_its_wait_per_thread() -> None:
+    pool = HandoffPool(_Conn, pool_size=1, max_overflow=1, timeout=HANG, reset_on_return=None)
+    one, two = pool.connect(), pool.connect()  # the second is overflow
+    assert pool.checkedout() == 2
+    with pytest.raises(Exception, match="timed out"):
+        pool.connect_within(0.05)  # this thread's bound, not the pool's 10 s
+    assert pool.timeout() == HANG
+    two.close()
+    one.close()  # the pool is full: the overflow connection is closed instead
+    assert pool.checkedout() == 0 and pool.checkedin() == 1
+    pool.dispose()
+    assert pool.checkedin() == 0

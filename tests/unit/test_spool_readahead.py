@@ -1,0 +1,124 @@
+"""Decoding the next batch while one is sent: nothing is leased ahead, order per table is
+kept, a failed batch still holds its table back, and rows decoded ahead are used only for
+the very batch that gets claimed. Real SQLite, no server: ``deliver`` is a plain function
+here."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from clickhouse_driver import errors as driver_errors
+
+from chresilient import ClickHouseUnavailableError
+from chresilient.metrics import Metrics
+from chresilient.spool import SpoolReplayer, SpoolStore
+from chresilient.spool.readahead import ReadAhead
+from chresilient.spool.records import SpooledBatch
+
+
+def _store(path: Path) -> SpoolStore:
+    return SpoolStore(str(path), target="127.0.0.1:9000/default", max_bytes=10_000_000)
+
+
+def _fill(store: SpoolStore, tables: list[str]) -> None:
+    for i, table in enumerate(tables):
+        store.put(table, ["n"], [(i,)], batch_id=f"b{i}")
+
+
+def _leased(store: SpoolStore) -> int:
+    return int(store.status()["in_flight_batches"])
+
+
+def test_a_peek_past_the_batch_in_flight_leases_nothing(tmp_path: Path) -> None:
+    store = _store(tmp_path)
+    _fill(store, ["t", "t", "u"])
+    first = store.claim(lease_seconds=60)
+    assert first is not None and first.batch_id == "b0"
+    assert store.peek(lease_seconds=60) is not None  # b0 is ours: claim would retake it
+    nxt = store.peek(lease_seconds=60, in_flight=(first.seq,))
+    assert nxt is not None and nxt.batch_id == "b1"  # its table's next, b0 counted done
+    assert _leased(store) == 1  # only the batch in flight
+
+
+def test_rows_decoded_ahead_are_used_only_for_the_same_batch(tmp_path: Path) -> None:
+    store = _store(tmp_path)
+    _fill(store, ["t", "t", "t"])
+    ahead = ReadAhead(store, lease_seconds=60, steal=False)
+    try:
+        head = store.claim(lease_seconds=60)
+        assert head is not None
+        ahead.after(head, [])
+        store.ack(head)
+        claimed = store.claim(lease_seconds=60)
+        assert claimed is not None and claimed.batch_id == "b1"
+        with_rows = ahead.decoded(claimed)
+        assert with_rows.decoded == [(1,)] and with_rows.decode_rows() == [(1,)]
+
+        ahead.after(with_rows, [])  # reads b2 ...
+        other = _store(tmp_path)
+        other.owner = "another replayer"
+        store.release(with_rows, None)
+        taken = other.claim(lease_seconds=60)  # ... but b1 went back and is taken again
+        assert taken is not None and taken.batch_id == "b1"
+        assert ahead.decoded(taken).decoded is None  # not b2's rows
+    finally:
+        ahead.close()
+
+
+def test_a_replay_pass_delivers_every_batch_once_in_order(tmp_path: Path) -> None:
+    store = _store(tmp_path)
+    tables = ["t", "u", "t", "t", "u", "v", "t", "u", "t"]
+    _fill(store, tables)
+    sent: list[str] = []
+    leased: list[int] = []
+
+    def deliver(batch: SpooledBatch) -> None:
+        assert batch.decode_rows() == [(int(batch.batch_id[1:]),)]
+        leased.append(_leased(store))
+        sent.append(batch.batch_id)
+
+    replayer = SpoolReplayer(
+        store, deliver, metrics=Metrics(), interval=60, lease_seconds=60, pause=0
+    )
+    report = replayer.replay()
+    assert report.outcome == "drained" and report.batches == len(tables)
+    assert sorted(sent) == sorted(f"b{i}" for i in range(len(tables)))  # once each
+    for table in set(tables):  # in order per table
+        mine = [b for b in sent if tables[int(b[1:])] == table]
+        assert mine == sorted(mine, key=lambda b: int(b[1:]))
+    assert set(leased) == {1}  # one batch leased at a time: the one being sent
+    assert store.totals().batches == 0
+
+
+def test_a_failed_batch_holds_back_its_table_despite_the_read_ahead(tmp_path: Path) -> None:
+    store = _store(tmp_path)
+    _fill(store, ["t", "t", "u"])
+    sent: list[str] = []
+
+    def deliver(batch: SpooledBatch) -> None:
+        if batch.batch_id == "b0":  # ClickHouse answers (probe), so it is the batch
+            raise ClickHouseUnavailableError(
+                "insert failed", last_error=driver_errors.NetworkError("connection reset")
+            )
+        sent.append(batch.batch_id)
+
+    replayer = SpoolReplayer(
+        store, deliver, metrics=Metrics(), interval=60, lease_seconds=60, pause=0,
+        probe=lambda: True,
+    )
+    report = replayer.replay()
+    assert sent == ["b2"]  # b1 (decoded ahead while b0 was sent) waits for b0
+    assert report.outcome == "retrying" and report.skipped_tables == ["t"]
+
+
+def test_a_limited_pass_leaves_the_rest_unleased(tmp_path: Path) -> None:
+    store = _store(tmp_path)
+    _fill(store, ["t"] * 5)
+    sent: list[Any] = []
+    replayer = SpoolReplayer(
+        store, sent.append, metrics=Metrics(), interval=60, lease_seconds=600, pause=0
+    )
+    assert replayer.replay(limit=2).outcome == "partial"
+    assert [b.batch_id for b in sent] == ["b0", "b1"]
+    assert store.totals().batches == 3 and _leased(store) == 0

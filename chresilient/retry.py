@@ -125,6 +125,10 @@ class RetryBudget:
         fork.register(self)
 
     def deposit(self) -> None:
+        # Full, as while the server is healthy: no lock (beside a racing withdrawal this
+        # may skip one deposit, which a budget can afford).
+        if self._tokens >= self.burst:
+            return
         with self._lock:
             self._tokens = min(self.burst, self._tokens + self.ratio)
 

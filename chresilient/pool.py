@@ -194,11 +194,12 @@ class HostPool:
         self, dbapi_conn: PooledConnection, record: ConnectionPoolEntry, proxy: Any
     ) -> None:
         """The inline check, as a listener: SQLAlchemy reconnects the record it rejects."""
-        if dbapi_conn.checkouts:
-            unusable = self._unusable(dbapi_conn)
-            if unusable is not None:
-                raise unusable
+        hit = dbapi_conn.checkouts > 0
+        unusable = self._unusable(dbapi_conn) if hit else None
+        if unusable is not None:
+            raise unusable
         dbapi_conn.checkouts += 1
+        self.stats.checkout(hit)
 
     # -- checkout -----------------------------------------------------------------------
     def _unusable(self, conn: PooledConnection) -> sa_exc.DisconnectionError | None:
@@ -227,9 +228,11 @@ class HostPool:
     def _checkout(
         self, pool: HandoffPool, wait: float
     ) -> tuple[PoolProxiedConnection, PooledConnection]:
-        """A checked-out connection that passed the inline check (see :meth:`_unusable`)."""
+        """A checked-out connection that passed the inline check (see :meth:`_unusable`),
+        all tries within ``wait`` for free connections."""
+        ends, left = time.monotonic() + wait, wait
         for _ in range(CHECKOUT_TRIES):
-            fairy = pool.connect_within(wait)
+            fairy = pool.connect_within(left)
             conn: PooledConnection = fairy.dbapi_connection  # type: ignore[assignment]
             hit = conn.checkouts > 0  # a new connection needs no check
             unusable = self._unusable(conn) if hit else None
@@ -238,6 +241,7 @@ class HostPool:
                 self.stats.checkout(hit)
                 return fairy, conn
             fairy.invalidate(unusable)  # closes it; the record reconnects when next taken
+            left = max(ends - time.monotonic(), 0.001)
         raise sa_exc.InvalidRequestError("no usable connection after reconnecting")
 
     # -- use --------------------------------------------------------------------------

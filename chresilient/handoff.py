@@ -22,6 +22,11 @@ from sqlalchemy.pool import PoolProxiedConnection, QueuePool
 from sqlalchemy.util.queue import Empty, Full
 
 _NOTHING: Any = object()
+_CLOSED: Any = object()
+
+
+class PoolClosedError(Exception):
+    """Raised to a thread waiting for a connection when its pool is closed or replaced."""
 
 
 class _Waiter:
@@ -45,6 +50,7 @@ class HandoffQueue:
         self._idle: list[Any] = []
         self._waiters: deque[_Waiter] = deque()
         self._mutex = threading.Lock()
+        self._closed = False
 
     def qsize(self) -> int:
         return len(self._idle)
@@ -80,6 +86,8 @@ class HandoffQueue:
                 return self._idle.pop()
             if not block:
                 raise Empty
+            if self._closed:
+                raise PoolClosedError("the pool was closed")
             waiter = _Waiter()
             self._waiters.append(waiter)
         waiter.ready.acquire(timeout=-1 if timeout is None else max(timeout, 0.0))
@@ -87,7 +95,19 @@ class HandoffQueue:
             if waiter.item is _NOTHING:  # timed out, and nobody handed it anything since
                 self._waiters.remove(waiter)
                 raise Empty
+        if waiter.item is _CLOSED:
+            raise PoolClosedError("the pool was closed while waiting for a connection")
         return waiter.item
+
+    def close(self) -> None:
+        """Wake every waiter with :class:`PoolClosedError`; a later ``get`` that would wait
+        raises it at once (idle items are still handed out, for ``dispose``)."""
+        with self._mutex:
+            self._closed = True
+            while self._waiters:
+                waiter = self._waiters.popleft()
+                waiter.item = _CLOSED
+                waiter.ready.release()
 
     def select_idle(self, choose: Callable[[Any], bool]) -> list[Any]:
         """The idle items for which ``choose(item)`` is true, decided under the queue's
@@ -130,3 +150,8 @@ class HandoffPool(QueuePool):
     def select_idle(self, choose: Callable[[Any], bool]) -> list[Any]:
         """The idle connection records ``choose(record)`` picks (see HandoffQueue)."""
         return self._pool.select_idle(choose)
+
+    def close_waits(self) -> None:
+        """End the waits for a free connection (the pool is closed or replaced): those
+        threads get :class:`PoolClosedError` instead of waiting out their timeout."""
+        self._pool.close()

@@ -38,7 +38,7 @@ from .errors import (
     PoolTimeoutError,
     classify,
 )
-from .handoff import HandoffPool
+from .handoff import HandoffPool, PoolClosedError
 from .retry import AttemptClock, Deadline
 from .server import ServerInfo, detect_features
 
@@ -226,20 +226,28 @@ class HostPool:
         return sa_exc.DisconnectionError("stale connection found on checkout")
 
     def _checkout(
-        self, pool: HandoffPool, wait: float
-    ) -> tuple[PoolProxiedConnection, PooledConnection]:
-        """A checked-out connection that passed the inline check (see :meth:`_unusable`),
-        all tries within ``wait`` for free connections."""
+        self, wait: float
+    ) -> tuple[HandoffPool, PoolProxiedConnection, PooledConnection]:
+        """A checked-out connection that passed the inline check (see :meth:`_unusable`)
+        and the pool it came from, all tries within ``wait`` for free connections. A wait
+        that reconnect() ends (it replaced the pool) goes on in the new pool."""
         ends, left = time.monotonic() + wait, wait
         for _ in range(CHECKOUT_TRIES):
-            fairy = pool.connect_within(left)
+            pool = self._pool
+            try:
+                fairy = pool.connect_within(left)
+            except PoolClosedError:
+                if self._closed:
+                    raise ClientClosedError(f"the pool for {self.label} is closed") from None
+                left = max(ends - time.monotonic(), 0.001)
+                continue
             conn: PooledConnection = fairy.dbapi_connection  # type: ignore[assignment]
             hit = conn.checkouts > 0  # a new connection needs no check
             unusable = self._unusable(conn) if hit else None
             if unusable is None:
                 conn.checkouts += 1
                 self.stats.checkout(hit)
-                return fairy, conn
+                return pool, fairy, conn
             fairy.invalidate(unusable)  # closes it; the record reconnects when next taken
             left = max(ends - time.monotonic(), 0.001)
         raise sa_exc.InvalidRequestError("no usable connection after reconnecting")
@@ -257,13 +265,13 @@ class HostPool:
         what is left of the deadline. A connection is returned to the pool only when the
         body finished cleanly.
         """
-        pool = self._pool  # a connection checked out of a replaced pool is not pooled again
         left = timeout if deadline is None else max(deadline.remaining(), 0.001)
         wait = min(self.cfg.pool.connection_timeout, left)
         clock = AttemptClock(timeout, deadline)
         self._local.attempt = clock
         try:
-            fairy, conn = self._checkout(pool, wait)
+            # A connection checked out of a pool replaced since is not pooled again.
+            pool, fairy, conn = self._checkout(wait)
         except sa_exc.TimeoutError as err:
             raise PoolTimeoutError(
                 f"no free connection to {self.label} within {wait:.1f}s "
@@ -367,6 +375,7 @@ class HostPool:
             self._closed = True
             socks = [c.connection.socket for c in self._busy]
             socks += [c.connection.socket for c in self._connecting]
+        self._pool.close_waits()  # threads waiting for a connection end now
         shut = 0
         for sock in socks:
             if sock is None:
@@ -398,6 +407,7 @@ class HostPool:
         """Replace the pool by a fresh one (used by reconnect)."""
         old = self._pool
         self._pool = self._new_pool()
+        old.close_waits()  # its waiters go on waiting in the new pool
         old.dispose()
 
     def prune(self, max_age: float | None = None) -> int:

@@ -164,25 +164,30 @@ class SpoolDatabase:
                 with self.locked() as conn:
                     if not durable:
                         conn.execute("PRAGMA synchronous = NORMAL")
-                    conn.execute("BEGIN IMMEDIATE")
                     try:
-                        yield conn
-                        conn.execute("COMMIT")
+                        conn.execute("BEGIN IMMEDIATE")
+                        try:
+                            yield conn
+                            conn.execute("COMMIT")
+                        finally:
+                            if conn.in_transaction:
+                                with contextlib.suppress(sqlite3.Error):
+                                    conn.execute("ROLLBACK")
                     finally:
-                        if conn.in_transaction:
-                            with contextlib.suppress(sqlite3.Error):
-                                conn.execute("ROLLBACK")
-                        if not durable:
-                            try:
-                                conn.execute("PRAGMA synchronous = FULL")
-                            except sqlite3.Error:
-                                self._drop_writer()  # reopened with synchronous=FULL
+                        if not durable:  # whatever happened, the next write is durable
+                            self._durable_again(conn)
             except (sqlite3.Error, OSError) as err:
                 self.problem = self.error(err, action)
                 if conn is None or self.problem.cause == "corrupt":
                     self._drop_writer()
                 raise self.problem from err
             self.problem = None
+
+    def _durable_again(self, conn: sqlite3.Connection) -> None:
+        try:
+            conn.execute("PRAGMA synchronous = FULL")
+        except sqlite3.Error:
+            self._drop_writer()  # reopened with synchronous=FULL
 
     @contextlib.contextmanager
     def read(self) -> Iterator[sqlite3.Connection]:

@@ -22,6 +22,7 @@ from chresilient import (
     ClickHouseConnectionManager,
     ClickHouseUnavailableError,
     ClientClosedError,
+    ConnectionPoolConfig,
     ResilientClient,
     RetryConfig,
 )
@@ -89,6 +90,55 @@ def test_close_interrupts_calls_in_flight_on_a_frozen_server(
         assert successor.execute("SELECT id FROM t ORDER BY id") == [(1,), (2,)]
     finally:
         successor.close()
+
+
+def test_close_ends_the_waits_for_a_free_connection(clickhouse: Any, tmp_path: Path) -> None:
+    # Both connections held by open streams; three callers wait for one (20 s bound).
+    cfg = make_config(
+        clickhouse,
+        spool_dir=str(tmp_path),
+        pool=ConnectionPoolConfig(pool_size=1, max_connections=2, connection_timeout=20.0),
+    )
+    mgr = ClickHouseConnectionManager(cfg)
+    query = "SELECT number FROM system.numbers LIMIT 1000000"
+    streams = [mgr.execute_iter(query) for _ in range(2)]
+    for rows in streams:
+        assert next(rows) == (0,)
+    waiting = [in_thread(lambda: mgr.execute("SELECT 1")) for _ in range(3)]
+    wait_until(lambda: mgr.metrics()["checked_out"] == 2 and all(
+        t.is_alive() for t, _ in waiting), timeout=10, what="callers waiting")
+    time.sleep(0.2)  # let them reach the pool's queue
+    closed_at = time.monotonic()
+    mgr.close()
+    for thread, box in waiting:
+        thread.join(CLOSE_BOUND)
+        assert not thread.is_alive()
+        assert isinstance(box.get("error"), ClientClosedError), box
+        assert box["ended"] - closed_at < CLOSE_BOUND  # not the 20 s pool timeout
+
+
+def test_reconnect_moves_waiting_callers_to_the_new_pool(clickhouse: Any, tmp_path: Path) -> None:
+    # The one connection is held by a stream; a caller waits. reconnect() replaces the
+    # pool: the caller is served by the new pool while the old connection is still held
+    # (it no longer waits in the old pool for that connection to come back).
+    cfg = make_config(
+        clickhouse,
+        spool_dir=str(tmp_path),
+        pool=ConnectionPoolConfig(pool_size=1, max_connections=1, connection_timeout=20.0),
+    )
+    mgr = ClickHouseConnectionManager(cfg)
+    try:
+        rows = mgr.execute_iter("SELECT number FROM system.numbers LIMIT 1000000")
+        assert next(rows) == (0,)
+        thread, box = in_thread(lambda: mgr.execute("SELECT 7"))
+        time.sleep(0.3)
+        assert thread.is_alive()  # waiting for the one connection
+        assert mgr.reconnect()["reconnected"] is True
+        thread.join(CLOSE_BOUND)
+        assert box.get("result") == [(7,)], box
+        rows.close()  # type: ignore[attr-defined]
+    finally:
+        mgr.close()
 
 
 def test_close_leaves_no_thread_or_socket_behind(clickhouse: Any, tmp_path: Path) -> None:

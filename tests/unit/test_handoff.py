@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 from sqlalchemy.util.queue import Empty, Full
 
-from chresilient.handoff import HandoffPool, HandoffQueue
+from chresilient.handoff import HandoffPool, HandoffQueue, PoolClosedError
 
 HANG = 10.0  # guards against a hang only
 
@@ -117,3 +117,30 @@ def test_the_pool_keeps_queuepool_accounting_and_its_wait_per_thread() -> None:
     assert pool.checkedout() == 0 and pool.checkedin() == 1
     pool.dispose()
     assert pool.checkedin() == 0
+
+
+def test_close_ends_every_wait_at_once_and_refuses_new_ones() -> None:
+    queue = HandoffQueue(1)
+    errors: list[BaseException] = []
+
+    def wait() -> None:
+        try:
+            queue.get(True, HANG)
+        except BaseException as exc:
+            errors.append(exc)
+
+    waiters = [threading.Thread(target=wait) for _ in range(3)]
+    for thread in waiters:
+        thread.start()
+    _waiting(queue, 3)
+    started = time.monotonic()
+    queue.close()
+    for thread in waiters:
+        thread.join(HANG)
+    assert time.monotonic() - started < HANG / 2  # woken, not timed out
+    assert len(errors) == 3 and all(isinstance(e, PoolClosedError) for e in errors)
+    assert queue.waiting() == 0
+    with pytest.raises(PoolClosedError):
+        queue.get(True, HANG)  # would wait: refused at once
+    queue.put("x", False)
+    assert queue.get(False) == "x"  # idle items still come out (dispose)

@@ -1,16 +1,19 @@
 """Decoding the next batch while one is sent: nothing is leased ahead, order per table is
 kept, a failed batch still holds its table back, and rows decoded ahead are used only for
-the very batch that gets claimed. Real SQLite, no server: ``deliver`` is a plain function
-here."""
+the very batch that gets claimed; a claim's lease is the only write not fsynced. Real
+SQLite, no server: ``deliver`` is a plain function here."""
 
 from __future__ import annotations
 
+import sqlite3
 from pathlib import Path
 from typing import Any
 
+import pytest
 from clickhouse_driver import errors as driver_errors
 
-from chresilient import ClickHouseUnavailableError
+import chresilient.spool.sqlite as spool_sqlite
+from chresilient import ClickHouseUnavailableError, SpoolError
 from chresilient.metrics import Metrics
 from chresilient.spool import SpoolReplayer, SpoolStore
 from chresilient.spool.readahead import ReadAhead
@@ -122,3 +125,22 @@ def test_a_limited_pass_leaves_the_rest_unleased(tmp_path: Path) -> None:
     assert replayer.replay(limit=2).outcome == "partial"
     assert [b.batch_id for b in sent] == ["b0", "b1"]
     assert store.totals().batches == 3 and _leased(store) == 0
+
+
+def test_a_claim_that_could_not_start_leaves_every_later_write_fsynced(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(spool_sqlite, "BUSY_TIMEOUT", 0.1)
+    store = _store(tmp_path)
+    _fill(store, ["t"])
+    blocker = sqlite3.connect(store.path, isolation_level=None)
+    blocker.execute("BEGIN IMMEDIATE")  # another process holds the write lock
+    try:
+        with pytest.raises(SpoolError, match="busy"):
+            store.claim(lease_seconds=60)  # its BEGIN fails after the busy timeout
+    finally:
+        blocker.execute("ROLLBACK")
+        blocker.close()
+    with store.db.locked() as conn:
+        (level,) = conn.execute("PRAGMA synchronous").fetchone()
+    assert level == 2  # FULL: puts and deletes are fsynced again

@@ -25,6 +25,7 @@ import json
 import uuid
 import zlib
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from itertools import chain
 from typing import Any
 
 # Bumped whenever the stored format changes; stored with every batch.
@@ -33,6 +34,7 @@ CODEC_VERSION = 1
 _ZLEVEL = 1
 
 _PLAIN = frozenset({str, int, float, bool, type(None)})
+_ROWS = frozenset({tuple, list})
 
 
 class SpoolEncodeError(TypeError):
@@ -213,8 +215,13 @@ def _object_hook(obj: dict[str, Any]) -> Any:
 
 def encode_rows(rows: Iterable[Sequence[Any]]) -> bytes:
     """A batch of rows as compressed tagged JSON. Raises :class:`SpoolEncodeError`."""
+    batch = rows if isinstance(rows, list) else list(rows)
     plain = _PLAIN
-    data = [[v if type(v) in plain else encode_value(v) for v in row] for row in rows]
+    data: Any
+    if set(map(type, batch)) <= _ROWS and set(map(type, chain.from_iterable(batch))) <= plain:
+        data = batch  # nothing to tag (the common batch): its types are checked in C
+    else:
+        data = [[v if type(v) in plain else encode_value(v) for v in row] for row in batch]
     text = json.dumps(data, ensure_ascii=True, allow_nan=True, separators=(",", ":"))
     return zlib.compress(text.encode("ascii"), _ZLEVEL)
 

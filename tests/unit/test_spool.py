@@ -144,6 +144,18 @@ def test_codec_round_trip_of_every_supported_type_is_exact() -> None:
             assert _same(value, got), (value, got)
 
 
+def test_codec_batches_of_plain_values_round_trip_exactly() -> None:
+    # Rows of plain values only (the common batch) are stored without a walk per value;
+    # the same row with one value that needs a tag takes the tagged path.
+    plain = (0, -1, 2**70, 1.5, float("inf"), True, False, None, "", "\udc80 é")
+    for rows in ([plain, list(plain)], (plain,), [plain, (*plain, (1, 2))[1:]]):
+        decoded = decode_rows(encode_rows(rows))
+        assert len(decoded) == len(rows)
+        for row, back in zip(rows, decoded):
+            assert type(back) is tuple and all(_same(v, g) for v, g in zip(row, back))
+    assert decode_rows(encode_rows([(Level.high, 2)]))[0][0].name == "high"  # an int subclass
+
+
 def test_codec_enum_members_travel_as_the_driver_sends_them() -> None:
     (row,) = decode_rows(encode_rows([(Color.red, Level.high)]))
     assert row[0] == "red"  # a plain Enum: the driver sends its name

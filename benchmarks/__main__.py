@@ -46,13 +46,15 @@ WHY_MISSED = {
     "1. per call": (
         "the floor is the ping-free driver row (the driver without its ping before every "
         "query); the note on chresilient's row is its distance to that floor, and the rows "
-        "'chresilient's own path, warm' measure what chresilient adds per call in a tight "
-        "loop: SQLAlchemy's QueuePool checkout and checkin, then the liveness peek, the "
-        "socket timeout and close() tracking, then the breaker, retry and metrics "
-        "bookkeeping. Between real queries, with six candidates interleaved, the same work "
-        "runs with cold CPU caches and costs several times its warm figure, which is the "
-        "rest of the distance. On a 10,000-row select the ping saved and the path added are "
-        "both a few percent of a call."
+        "'chresilient's own path, no query' measure what chresilient adds per call, warm in "
+        "a tight loop: SQLAlchemy's QueuePool checkout and checkin, then the liveness peek, "
+        "the socket timeout and close() tracking, then the breaker, retry and metrics "
+        "bookkeeping; their 'between real queries' figures measure the same steps added to "
+        "a ping-free SELECT 1, interleaved: with seven candidates interleaved the work runs "
+        "with cold CPU caches and costs several times its warm figure, and SQLAlchemy's "
+        "QueuePool checkout and checkin alone cost about half the gap between the bare and "
+        "the ping-free driver. On a 10,000-row select the ping saved and the path added "
+        "are both a few percent of a call, near what 200 rounds resolve."
     ),
     "7. tracing hooks": (
         "the default path asks OpenTelemetry whether a TracerProvider is set (one function "
@@ -63,14 +65,18 @@ WHY_MISSED = {
     "2. concurrency": (
         "32 threads share 10 connections: a returned connection is handed to the oldest "
         "waiting thread (one wake-up per checkin), but every hand-off still moves the GIL "
-        "between threads, which ten threads that each own a client never do; on 2 cores "
-        "that scheduling is also taken from the server."
+        "between threads, which ten threads that each own a client never do; the row with "
+        "10 threads on the same pool (no thread waits) measures the path without hand-offs."
     ),
     "6. spool": (
-        "see the step-by-step rows: a replayed batch costs the bare INSERT plus its claim, "
-        "its decode and its durable ack (an fsync: a delivered batch must never be sent "
-        "again), done one after the other; a spool write costs the encode and a durable "
-        "write. Those are the figures to compare with the bare INSERT of the same batch."
+        "see the step-by-step rows, measured on their own in the same run. A spool write is "
+        "the encode plus a durable (fsynced) SQLite write, which alone costs about as much "
+        "as the bare INSERT of the same batch on a fresh table, so twice its speed is out of "
+        "reach while every batch is fsynced. A replayed batch is the same INSERT plus its "
+        "claim and its durable delete, which stay on the path on purpose: the delete is "
+        "written before the next INSERT starts, so a replayer killed mid-replay has sent at "
+        "most the one batch in flight without deleting it; the decode runs on a helper "
+        "thread during the INSERT before (see chresilient.spool.readahead)."
     ),
 }
 

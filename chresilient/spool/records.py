@@ -99,12 +99,8 @@ class SpooledBatch:
     # False: chosen without writing a lease (the disk was full; the caller's replay lock
     # alone keeps other replayers away).
     leased: bool = True
-    # The rows, when decoded ahead of the delivery (see chresilient.spool.readahead).
-    decoded: list[tuple[Any, ...]] | None = field(default=None, repr=False, compare=False)
 
     def decode_rows(self) -> list[tuple[Any, ...]]:
-        if self.decoded is not None:
-            return self.decoded
         return codec.decode_rows(self.payload, self.codec)
 
 

@@ -3,8 +3,7 @@
 A replay *pass* holds the target's replay lock (one replayer per spool directory and
 target at a time, so N gunicorn workers do not all hammer a recovering server), then
 claims batches in order per table, delivers each whole with its batch id as dedup token,
-and deletes it only after ClickHouse acknowledged it (the next batch is decoded
-meanwhile: see :mod:`chresilient.spool.readahead`). Live traffic goes first: one batch
+and deletes it only after ClickHouse acknowledged it. Live traffic goes first: one batch
 at a time on one connection, with a short pause between batches while other calls hold
 connections and a longer one while the pool is fully busy.
 
@@ -29,7 +28,7 @@ import socket
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import structlog
@@ -50,7 +49,6 @@ from ..errors import (
 from ..metrics import Metrics
 from .codec import SpoolDecodeError
 from .delivered import DELIVERED
-from .readahead import ReadAhead
 from .records import SpooledBatch
 from .store import SpoolStore
 
@@ -254,21 +252,6 @@ class SpoolReplayer:
         *,
         steal: bool,
     ) -> None:
-        ahead = ReadAhead(self.store, lease_seconds=self.lease_seconds, steal=steal)
-        try:
-            self._batches(report, limit, stop, ahead, steal=steal)
-        finally:
-            ahead.close()
-
-    def _batches(
-        self,
-        report: ReplayReport,
-        limit: int | None,
-        stop: threading.Event | None,
-        ahead: ReadAhead,
-        *,
-        steal: bool,
-    ) -> None:
         skip: list[str] = report.skipped_tables
         while limit is None or report.batches + report.set_aside < limit:
             if stop is not None and stop.is_set():
@@ -281,9 +264,6 @@ class SpoolReplayer:
                 if skip or self.store.totals().batches:  # some must be tried again later
                     report.outcome = "retrying"
                 return
-            batch = ahead.decoded(batch)
-            if limit is None or report.batches + report.set_aside + 1 < limit:
-                ahead.after(batch, skip)  # decoded while this one is sent
             if not self._replay_one(batch, report, stop):
                 return
             self._breathe()
@@ -338,7 +318,7 @@ class SpoolReplayer:
                 log.warning("spool_lease_lost", table=batch.table, batch_id=batch.batch_id)
             return True
         except SpoolError as err:
-            DELIVERED.add(self.store.path, replace(batch, decoded=None))  # rows not kept
+            DELIVERED.add(self.store.path, batch)
             log.error(
                 "spool_ack_failed",
                 batch_id=batch.batch_id,

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import sqlite3
 import time
-from collections.abc import Collection, Sequence
+from collections.abc import Sequence
 
 from .records import BatchState
 
@@ -25,12 +25,10 @@ def next_batch(
     lease_seconds: float,
     skip_tables: Sequence[str],
     steal: bool,
-    in_flight: Collection[int] = (),
 ) -> int | None:
     """The ``seq`` of the oldest pending batch (among ``where``/``keys``) that is the head
     of its table and free to take, or None. Leases of other owners count until they
-    expire, unless ``steal``. Batches ``in_flight`` (being delivered by the caller) are
-    passed over without holding their table back: the caller delivers in order."""
+    expire, unless ``steal``."""
     now = time.time()
     blocked = set(skip_tables)
     cur = conn.execute(
@@ -41,7 +39,7 @@ def next_batch(
     try:
         # Usually the very first row: the oldest batch is the head of its table.
         for seq, tbl, holder, until in cur:
-            if tbl in blocked or seq in in_flight:
+            if tbl in blocked:
                 continue
             if holder is None:  # waiting for its retry time, or free
                 free = until <= now or until > now + LONGEST_RETRY_WAIT

@@ -237,17 +237,11 @@ class SpoolStore:
         return None if batch is None else replace(batch, leased=False)
 
     def peek(
-        self,
-        *,
-        lease_seconds: float,
-        skip_tables: Sequence[str] = (),
-        steal: bool = False,
-        in_flight: Sequence[int] = (),
+        self, *, lease_seconds: float, skip_tables: Sequence[str] = (), steal: bool = False
     ) -> SpooledBatch | None:
-        """The batch :meth:`claim` would take, without leasing it (a read); batches
-        ``in_flight`` (being delivered by the caller) count as done."""
+        """The batch :meth:`claim` would take, without leasing it (a read)."""
         with self.db.read() as conn:
-            chosen = self._next(conn, lease_seconds, skip_tables, steal, in_flight)
+            chosen = self._next(conn, lease_seconds, skip_tables, steal)
             if chosen is None:
                 return None
             row = conn.execute(f"SELECT {BATCH_COLUMNS} FROM batches WHERE seq = ?", (chosen,))
@@ -260,11 +254,10 @@ class SpoolStore:
         lease_seconds: float,
         skip_tables: Sequence[str],
         steal: bool,
-        in_flight: Sequence[int] = (),
     ) -> int | None:
         where, keys = self._mine(conn)
         return next_batch(conn, where, keys, owner=self.owner, lease_seconds=lease_seconds,
-                          skip_tables=skip_tables, steal=steal, in_flight=in_flight)
+                          skip_tables=skip_tables, steal=steal)
 
     def ack(self, batch: SpooledBatch) -> bool:
         """Delete a delivered batch; False if another owner had taken it over meanwhile.

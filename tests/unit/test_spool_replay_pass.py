@@ -1,7 +1,7 @@
-"""Decoding the next batch while one is sent: nothing is leased ahead, order per table is
-kept, a failed batch still holds its table back, and rows decoded ahead are used only for
-the very batch that gets claimed; a claim's lease is the only write not fsynced. Real
-SQLite, no server: ``deliver`` is a plain function here."""
+"""A replay pass: one batch leased at a time, every batch once and in order per table, a
+failed batch holds its table back, a limited pass leaves the rest unleased; a claim's
+lease is the only write not fsynced. Real SQLite, no server: ``deliver`` is a plain
+function here."""
 
 from __future__ import annotations
 
@@ -16,7 +16,6 @@ import chresilient.spool.sqlite as spool_sqlite
 from chresilient import ClickHouseUnavailableError, SpoolError
 from chresilient.metrics import Metrics
 from chresilient.spool import SpoolReplayer, SpoolStore
-from chresilient.spool.readahead import ReadAhead
 from chresilient.spool.records import SpooledBatch
 
 
@@ -31,42 +30,6 @@ def _fill(store: SpoolStore, tables: list[str]) -> None:
 
 def _leased(store: SpoolStore) -> int:
     return int(store.status()["in_flight_batches"])
-
-
-def test_a_peek_past_the_batch_in_flight_leases_nothing(tmp_path: Path) -> None:
-    store = _store(tmp_path)
-    _fill(store, ["t", "t", "u"])
-    first = store.claim(lease_seconds=60)
-    assert first is not None and first.batch_id == "b0"
-    assert store.peek(lease_seconds=60) is not None  # b0 is ours: claim would retake it
-    nxt = store.peek(lease_seconds=60, in_flight=(first.seq,))
-    assert nxt is not None and nxt.batch_id == "b1"  # its table's next, b0 counted done
-    assert _leased(store) == 1  # only the batch in flight
-
-
-def test_rows_decoded_ahead_are_used_only_for_the_same_batch(tmp_path: Path) -> None:
-    store = _store(tmp_path)
-    _fill(store, ["t", "t", "t"])
-    ahead = ReadAhead(store, lease_seconds=60, steal=False)
-    try:
-        head = store.claim(lease_seconds=60)
-        assert head is not None
-        ahead.after(head, [])
-        store.ack(head)
-        claimed = store.claim(lease_seconds=60)
-        assert claimed is not None and claimed.batch_id == "b1"
-        with_rows = ahead.decoded(claimed)
-        assert with_rows.decoded == [(1,)] and with_rows.decode_rows() == [(1,)]
-
-        ahead.after(with_rows, [])  # reads b2 ...
-        other = _store(tmp_path)
-        other.owner = "another replayer"
-        store.release(with_rows, None)
-        taken = other.claim(lease_seconds=60)  # ... but b1 went back and is taken again
-        assert taken is not None and taken.batch_id == "b1"
-        assert ahead.decoded(taken).decoded is None  # not b2's rows
-    finally:
-        ahead.close()
 
 
 def test_a_replay_pass_delivers_every_batch_once_in_order(tmp_path: Path) -> None:
@@ -94,7 +57,7 @@ def test_a_replay_pass_delivers_every_batch_once_in_order(tmp_path: Path) -> Non
     assert store.totals().batches == 0
 
 
-def test_a_failed_batch_holds_back_its_table_despite_the_read_ahead(tmp_path: Path) -> None:
+def test_a_failed_batch_holds_back_its_table(tmp_path: Path) -> None:
     store = _store(tmp_path)
     _fill(store, ["t", "t", "u"])
     sent: list[str] = []
@@ -111,7 +74,7 @@ def test_a_failed_batch_holds_back_its_table_despite_the_read_ahead(tmp_path: Pa
         probe=lambda: True,
     )
     report = replayer.replay()
-    assert sent == ["b2"]  # b1 (decoded ahead while b0 was sent) waits for b0
+    assert sent == ["b2"]  # b1 waits for b0
     assert report.outcome == "retrying" and report.skipped_tables == ["t"]
 
 

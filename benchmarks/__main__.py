@@ -73,10 +73,11 @@ WHY_MISSED = {
         "the encode plus a durable (fsynced) SQLite write, which alone costs about as much "
         "as the bare INSERT of the same batch on a fresh table, so twice its speed is out of "
         "reach while every batch is fsynced. A replayed batch is the same INSERT plus its "
-        "claim and its durable delete, which stay on the path on purpose: the delete is "
-        "written before the next INSERT starts, so a replayer killed mid-replay has sent at "
-        "most the one batch in flight without deleting it; the decode runs on a helper "
-        "thread during the INSERT before (see chresilient.spool.readahead)."
+        "claim, its decode and its durable delete, one after the other on purpose: the "
+        "delete is written before the next INSERT starts, so a replayer killed mid-replay "
+        "has sent at most the one batch in flight without deleting it. Decoding the next "
+        "batch on a helper thread during the INSERT was measured and saved nothing (the "
+        "decode contends for the GIL with the INSERT's own Python work)."
     ),
 }
 

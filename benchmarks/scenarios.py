@@ -480,12 +480,17 @@ def spool(server: LocalClickHouse, size: Size) -> list[Row]:
         assert mgr.spool is not None
         replay = bare_replay = 0.0
         replayed, outcome = 0, "empty"
-        for _ in range(chunks):
-            started = time.perf_counter()
-            report = mgr.spool.replay(limit=chunk)
-            replay += time.perf_counter() - started
-            replayed, outcome = replayed + report.rows, report.outcome
-            bare_replay += bare_chunk()
+        inside: dict[str, float] = {}
+        with _timing(inside, mgr.executor, "query", "INSERT through the call path"), \
+                _timing(inside, mgr.spool.store, "claim", "claim"), \
+                _timing(inside, mgr.spool.store, "ack", "ack (durable delete)"):
+            for _ in range(chunks):
+                started = time.perf_counter()
+                report = mgr.spool.replay(limit=chunk)
+                replay += time.perf_counter() - started
+                replayed, outcome = replayed + report.rows, report.outcome
+                bare_replay += bare_chunk()
+        inside["the rest (decode, bookkeeping)"] = replay - sum(inside.values())
         stored = mgr.execute(f"SELECT count() FROM {table}")[0][0]
         steps = _spool_steps(server.base_dir / "spool-steps", data, max(10, chunks * 2))
     finally:
@@ -513,13 +518,36 @@ def spool(server: LocalClickHouse, size: Size) -> list[Row]:
         Row("6. spool", "peak RSS of the benchmark process",
             f"{peak / 1024:.0f} MiB", note=f"RSS before spooling {rss_before / 1024:.0f} MiB"),
     ]
-    per_insert = bare_replay / (chunks * chunk) * 1e6
+    batches = chunks * chunk
     out.append(Row("6. spool: one 1000-row batch, step by step", "bare INSERT (the server's "
-                   "part and the send)", f"{per_insert:.0f} us"))
+                   "part and the send)", f"{bare_replay / batches * 1e6:.0f} us"))
+    for label, seconds in inside.items():
+        out.append(Row("6. spool: one 1000-row batch, step by step", f"in the replay: {label}",
+                       f"{seconds / batches * 1e6:.0f} us"))
     for label, seconds in steps.items():
         out.append(Row("6. spool: one 1000-row batch, step by step", label,
                        f"{seconds * 1e6:.0f} us"))
     return out
+
+
+@contextmanager
+def _timing(totals: dict[str, float], owner: Any, method: str, label: str) -> Iterator[None]:
+    """Add the wall time of every call of ``owner.method`` to ``totals[label]``."""
+    original = getattr(owner, method)
+    totals.setdefault(label, 0.0)
+
+    def timed(*args: Any, **kwargs: Any) -> Any:
+        started = time.perf_counter()
+        try:
+            return original(*args, **kwargs)
+        finally:
+            totals[label] += time.perf_counter() - started
+
+    setattr(owner, method, timed)
+    try:
+        yield
+    finally:
+        delattr(owner, method)  # the class's method again
 
 
 def _spool_steps(directory: Any, data: list[tuple[Any, ...]], count: int) -> dict[str, float]:

@@ -27,7 +27,7 @@ def test_quick_benchmark_run_writes_a_complete_table(tmp_path: Path) -> None:
     assert len(own_path) == 5 and all(" us per call" in line for line in own_path)
     assert sum("between real queries |" in line for line in own_path) == 3
     steps = [line for line in lines if line.startswith("| 6. spool: one 1000-row batch")]
-    assert len(steps) == 5
+    assert len(steps) == 9
     for line in per_call:
         ratio = line.split("|")[4].strip()
         assert ratio.endswith("x") and float(ratio[:-1]) > 0

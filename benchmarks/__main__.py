@@ -69,7 +69,8 @@ WHY_MISSED = {
         "10 threads on the same pool (no thread waits) measures the path without hand-offs."
     ),
     "6. spool": (
-        "see the step-by-step rows, measured on their own in the same run. A spool write is "
+        "see the step-by-step rows: the replay's time split as measured inside it, then "
+        "each step on its own, in the same run. A spool write is "
         "the encode plus a durable (fsynced) SQLite write, which alone costs about as much "
         "as the bare INSERT of the same batch on a fresh table, so twice its speed is out of "
         "reach while every batch is fsynced. A replayed batch is the same INSERT plus its "

@@ -57,7 +57,7 @@ class PooledConnection:
         self._timed_socket: socket.socket | None = None
         self._poller: Any = None  # select.poll() of the socket with descriptor _polled_fd
         self._polled_fd = -1
-        self.pruned = False  # closed by HostPool.prune() while idle; guarded by its lock
+        self.pruned = False  # closed by HostPool.prune() while idle (set under the queue lock)
         # Optional features of the server this connection talks to (set on connect).
         self.features: Mapping[str, bool] = {}
 

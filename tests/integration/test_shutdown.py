@@ -92,51 +92,53 @@ def test_close_interrupts_calls_in_flight_on_a_frozen_server(
         successor.close()
 
 
-def test_close_ends_the_waits_for_a_free_connection(clickhouse: Any, tmp_path: Path) -> None:
-    # Both connections held by open streams; three callers wait for one (20 s bound).
-    cfg = make_config(
-        clickhouse,
-        spool_dir=str(tmp_path),
-        pool=ConnectionPoolConfig(pool_size=1, max_connections=2, connection_timeout=20.0),
+def _all_connections_held(
+    server: Any, spool_dir: Path, pool_size: int, max_connections: int
+) -> tuple[ClickHouseConnectionManager, list[Any]]:
+    """A manager whose every connection is held by an open stream (20 s pool timeout)."""
+    pool = ConnectionPoolConfig(
+        pool_size=pool_size, max_connections=max_connections, connection_timeout=20.0
     )
-    mgr = ClickHouseConnectionManager(cfg)
-    query = "SELECT number FROM system.numbers LIMIT 1000000"
-    streams = [mgr.execute_iter(query) for _ in range(2)]
+    mgr = ClickHouseConnectionManager(make_config(server, spool_dir=str(spool_dir), pool=pool))
+    streams = [
+        mgr.execute_iter("SELECT number FROM system.numbers LIMIT 1000000")
+        for _ in range(max_connections)
+    ]
     for rows in streams:
         assert next(rows) == (0,)
-    waiting = [in_thread(lambda: mgr.execute("SELECT 1")) for _ in range(3)]
-    wait_until(lambda: mgr.metrics()["checked_out"] == 2 and all(
-        t.is_alive() for t, _ in waiting), timeout=10, what="callers waiting")
-    time.sleep(0.2)  # let them reach the pool's queue
-    closed_at = time.monotonic()
-    mgr.close()
-    for thread, box in waiting:
-        thread.join(CLOSE_BOUND)
-        assert not thread.is_alive()
-        assert isinstance(box.get("error"), ClientClosedError), box
-        assert box["ended"] - closed_at < CLOSE_BOUND  # not the 20 s pool timeout
+    return mgr, streams
+
+
+def test_close_ends_the_waits_for_a_free_connection(clickhouse: Any, tmp_path: Path) -> None:
+    mgr, _ = _all_connections_held(clickhouse, tmp_path, 1, 2)
+    try:
+        waiting = [in_thread(lambda: mgr.execute("SELECT 1")) for _ in range(3)]
+        time.sleep(0.3)  # let them reach the pool's queue
+        assert all(thread.is_alive() for thread, _ in waiting)
+        closed_at = time.monotonic()
+        mgr.close()
+        for thread, box in waiting:
+            thread.join(CLOSE_BOUND)
+            assert not thread.is_alive()
+            assert isinstance(box.get("error"), ClientClosedError), box
+            assert box["ended"] - closed_at < CLOSE_BOUND  # not the 20 s pool timeout
+    finally:
+        mgr.close()
 
 
 def test_reconnect_moves_waiting_callers_to_the_new_pool(clickhouse: Any, tmp_path: Path) -> None:
-    # The one connection is held by a stream; a caller waits. reconnect() replaces the
+    # A caller waits for the one connection, held by a stream. reconnect() replaces the
     # pool: the caller is served by the new pool while the old connection is still held
     # (it no longer waits in the old pool for that connection to come back).
-    cfg = make_config(
-        clickhouse,
-        spool_dir=str(tmp_path),
-        pool=ConnectionPoolConfig(pool_size=1, max_connections=1, connection_timeout=20.0),
-    )
-    mgr = ClickHouseConnectionManager(cfg)
+    mgr, streams = _all_connections_held(clickhouse, tmp_path, 1, 1)
     try:
-        rows = mgr.execute_iter("SELECT number FROM system.numbers LIMIT 1000000")
-        assert next(rows) == (0,)
         thread, box = in_thread(lambda: mgr.execute("SELECT 7"))
         time.sleep(0.3)
         assert thread.is_alive()  # waiting for the one connection
         assert mgr.reconnect()["reconnected"] is True
         thread.join(CLOSE_BOUND)
         assert box.get("result") == [(7,)], box
-        rows.close()  # type: ignore[attr-defined]
+        streams[0].close()
     finally:
         mgr.close()
 

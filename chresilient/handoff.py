@@ -49,7 +49,10 @@ class HandoffQueue:
         self.maxsize = maxsize
         self._idle: list[Any] = []
         self._waiters: deque[_Waiter] = deque()
-        self._mutex = threading.Lock()
+        # Reentrant, like SQLAlchemy's own queue: the garbage collector may finalize a
+        # connection nobody checked in (a weakref callback that puts it back) at any
+        # allocation, also in a thread that holds this lock.
+        self._mutex = threading.RLock()
         self._closed = False
 
     def qsize(self) -> int:
@@ -86,9 +89,12 @@ class HandoffQueue:
                 return self._idle.pop()
             if not block:
                 raise Empty
+        waiter = _Waiter()  # made outside the lock: an allocation may run such a callback
+        with self._mutex:
+            if self._idle:  # put back meanwhile
+                return self._idle.pop()
             if self._closed:
                 raise PoolClosedError("the pool was closed")
-            waiter = _Waiter()
             self._waiters.append(waiter)
         waiter.ready.acquire(timeout=-1 if timeout is None else max(timeout, 0.0))
         with self._mutex:

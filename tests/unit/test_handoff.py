@@ -144,3 +144,26 @@ def test_close_ends_every_wait_at_once_and_refuses_new_ones() -> None:
         queue.get(True, HANG)  # would wait: refused at once
     queue.put("x", False)
     assert queue.get(False) == "x"  # idle items still come out (dispose)
+
+
+def test_a_put_from_inside_the_queue_lock_does_not_deadlock() -> None:
+    # What a garbage-collected, never checked-in connection does: its weakref callback
+    # puts it back from whatever the thread was doing, also from inside the queue.
+    queue = HandoffQueue(3)
+    queue.put("a", False)
+    done = threading.Event()
+
+    def choose_and_put_back(item: Any) -> bool:
+        if item == "a":
+            queue.put("b", False)
+        return False
+
+    def run() -> None:
+        queue.select_idle(choose_and_put_back)
+        done.set()
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    thread.join(HANG)
+    assert done.is_set(), "the queue deadlocked on a reentrant put"
+    assert sorted(queue.get(False) for _ in range(queue.qsize())) == ["a", "b"]

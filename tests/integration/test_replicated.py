@@ -102,6 +102,13 @@ def test_inserts_through_a_kill_of_the_written_replica_land_exactly_once(
         wait_until(lambda: spool.pending().batches == 0, 90, what="the spool to drain")
         assert spool.set_aside() == []
     expected = len(set(accepted))
+    # A replica may keep a part whose commit to ZooKeeper the ZooKeeper kill cut off (the
+    # INSERT failed for the client, which delivered the rows again): 18.16 detaches such
+    # parts, which ZooKeeper never recorded, when it starts. Seen once in CI as replicas
+    # that disagree after SYSTEM SYNC REPLICA; what the client stored is counted after a
+    # restart of each replica.
+    for replica in replicated.replicas:
+        replica.restart()
     counts = _synced_counts(replicated, "events")
     print(f"\n{expected} rows accepted by 4 threads, stored (count, unique) per replica: {counts}")
     assert counts == [(expected, expected)] * 2  # 0 lost, 0 duplicates

@@ -46,8 +46,7 @@ log = structlog.get_logger("chresilient.pool")
 
 # Orders the checkouts of all pools (itertools.count is atomic under the GIL).
 _CHECKOUTS = itertools.count()
-# Connections a checkout may find unusable in a row before it gives up (each one found is
-# discarded; the record reconnects on its next checkout).
+# Unusable connections a checkout discards in a row (each reconnects) before it gives up.
 CHECKOUT_TRIES = 3
 
 
@@ -194,14 +193,20 @@ class HostPool:
         self, dbapi_conn: PooledConnection, record: ConnectionPoolEntry, proxy: Any
     ) -> None:
         """The inline check, as a listener: SQLAlchemy reconnects the record it rejects."""
-        hit = dbapi_conn.checkouts > 0
-        unusable = self._unusable(dbapi_conn) if hit else None
+        unusable = self._admit(dbapi_conn)
         if unusable is not None:
             raise unusable
-        dbapi_conn.checkouts += 1
-        self.stats.checkout(hit)
 
     # -- checkout -----------------------------------------------------------------------
+    def _admit(self, conn: PooledConnection) -> sa_exc.DisconnectionError | None:
+        """Count a checkout of ``conn``, or why it must not be used (a new one: no check)."""
+        hit = conn.checkouts > 0
+        unusable = self._unusable(conn) if hit else None
+        if unusable is None:
+            conn.checkouts += 1
+            self.stats.checkout(hit)
+        return unusable
+
     def _unusable(self, conn: PooledConnection) -> sa_exc.DisconnectionError | None:
         """Why a connection that was used before must not be used now, or None.
 
@@ -242,11 +247,8 @@ class HostPool:
                 left = max(ends - time.monotonic(), 0.001)
                 continue
             conn: PooledConnection = fairy.dbapi_connection  # type: ignore[assignment]
-            hit = conn.checkouts > 0  # a new connection needs no check
-            unusable = self._unusable(conn) if hit else None
+            unusable = self._admit(conn)
             if unusable is None:
-                conn.checkouts += 1
-                self.stats.checkout(hit)
                 return pool, fairy, conn
             fairy.invalidate(unusable)  # closes it; the record reconnects when next taken
             left = max(ends - time.monotonic(), 0.001)
@@ -423,9 +425,8 @@ class HostPool:
 
         def old(record: ConnectionPoolEntry) -> bool:
             conn: PooledConnection | None = record.dbapi_connection  # type: ignore[assignment]
-            if conn is None or conn.pruned or now - conn.created < limit:
-                return False
-            if not conn.connection.connected:
+            if (conn is None or conn.pruned or now - conn.created < limit
+                    or not conn.connection.connected):
                 return False
             conn.pruned = True  # under the queue's lock: no checkout can take it meanwhile
             return True

@@ -26,7 +26,8 @@ class ForkAware(Protocol):
         """Drop what belongs to the parent; must not take a lock the parent may hold."""
 
 
-_lock = threading.Lock()
+# Reentrant: a finalizer run by the garbage collector may register an object too.
+_lock = threading.RLock()
 _participants: weakref.WeakKeyDictionary[ForkAware, int] = weakref.WeakKeyDictionary()
 _order = 0
 
@@ -63,7 +64,9 @@ def _reinit_log_locks() -> None:
 
 
 def _in_order() -> list[ForkAware]:
-    return [obj for obj, _ in sorted(_participants.items(), key=lambda item: item[1])]
+    with _lock:  # another thread may be registering an object while this one forks
+        entries = list(_participants.items())
+    return [obj for obj, _ in sorted(entries, key=lambda item: item[1])]
 
 
 def _call(objects: list[ForkAware], hook: str) -> None:
@@ -88,7 +91,7 @@ def _after_fork_in_parent() -> None:
 
 def _after_fork_in_child() -> None:
     global _lock
-    _lock = threading.Lock()  # the parent may have held it at fork time
+    _lock = threading.RLock()  # the parent may have held it at fork time
     _reinit_log_locks()
     _call(_in_order(), "after_fork_in_child")
 

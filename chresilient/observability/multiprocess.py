@@ -42,27 +42,49 @@ class WorkerTotals:
 
     def __init__(self) -> None:
         registry = CollectorRegistry()  # holds the gauges; their values live in the files
-        self._lock = threading.Lock()
-        self._gauges = {
-            key: Gauge(
-                f"chresilient_all_processes_{suffix}", text, registry=registry,
-                multiprocess_mode=mode,  # type: ignore[arg-type]
+        with _writes.held():  # creating a gauge takes prometheus_client's lock too
+            self._gauges = {
+                key: Gauge(
+                    f"chresilient_all_processes_{suffix}", text, registry=registry,
+                    multiprocess_mode=mode,  # type: ignore[arg-type]
+                )
+                for key, (suffix, text, mode) in TOTALS.items()
+            }
+            self._healthy = Gauge(
+                "chresilient_all_processes_healthy",
+                "Processes whose connection state is healthy.",
+                registry=registry,
+                multiprocess_mode="livesum",
             )
-            for key, (suffix, text, mode) in TOTALS.items()
-        }
-        self._healthy = Gauge(
-            "chresilient_all_processes_healthy",
-            "Processes whose connection state is healthy.",
-            registry=registry,
-            multiprocess_mode="livesum",
-        )
+
+    def publish(self, metrics: dict[str, Any]) -> None:
+        """Write this process's current values (from ``mgr.metrics()``)."""
+        with _writes.held():
+            for key, gauge in self._gauges.items():
+                gauge.set(float(metrics.get(key, 0) or 0))
+            self._healthy.set(1.0 if metrics.get("connection_state") == "healthy" else 0.0)
+
+
+class _Writes:
+    """The one lock every use of prometheus_client's multiprocess values here takes, held
+    across ``fork()``.
+
+    prometheus_client guards all multiprocess values of a process with one lock of its
+    own that a child inherits as it was: a parent thread inside it at fork time (writing
+    a value, or creating a gauge, as a monitor's first round may do while gunicorn forks
+    its workers) would leave it held for good in the child. Holding ours across fork
+    means no thread of ours is inside theirs then.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
         self._held_at_fork = False
         fork.register(self)
 
+    def held(self) -> threading.Lock:
+        return self._lock
+
     def before_fork(self) -> None:
-        """Every write to the multiprocess files happens under ``_lock``: holding it across
-        fork() means no thread of ours is inside prometheus_client's own lock (one per
-        process, not reset in a child) when the process is copied."""
         self._held_at_fork = self._lock.acquire(timeout=5.0)
 
     def after_fork_in_parent(self) -> None:
@@ -74,34 +96,17 @@ class WorkerTotals:
         self._lock = threading.Lock()
         self._held_at_fork = False
 
-    def publish(self, metrics: dict[str, Any]) -> None:
-        """Write this process's current values (from ``mgr.metrics()``)."""
-        with self._lock:
-            for key, gauge in self._gauges.items():
-                gauge.set(float(metrics.get(key, 0) or 0))
-            self._healthy.set(1.0 if metrics.get("connection_state") == "healthy" else 0.0)
 
-
+_writes = _Writes()
 _process_totals: WorkerTotals | None = None
-_create_lock = threading.Lock()
-
-
-class _CreateLock:
-    """Re-creates the module's lock in a forked child (see chresilient.fork)."""
-
-    def after_fork_in_child(self) -> None:
-        global _create_lock
-        _create_lock = threading.Lock()
-
-
-_FORK_HOOK = _CreateLock()
-fork.register(_FORK_HOOK)
 
 
 def process_totals() -> WorkerTotals:
     """The one :class:`WorkerTotals` of this process (gauge names are per process)."""
     global _process_totals
-    with _create_lock:
-        if _process_totals is None:
-            _process_totals = WorkerTotals()
-        return _process_totals
+    if _process_totals is None:
+        created = WorkerTotals()
+        with _writes.held():
+            if _process_totals is None:
+                _process_totals = created
+    return _process_totals

@@ -10,6 +10,7 @@ import faulthandler
 import json
 import os
 import signal
+import subprocess
 import sys
 import threading
 import time
@@ -217,3 +218,82 @@ def test_forks_while_parent_threads_log_wake_and_check_never_hang(clickhouse: An
         mgr.close()
     assert hung == 0, f"{hung} of 20 children hung"
     assert all(r == {"health": "healthy", "rows": [[1]]} for r in results), results[:3]
+
+
+# Run in a fresh interpreter: prometheus_client picks its multiprocess values (one lock
+# per process for all of them) when it is imported, from PROMETHEUS_MULTIPROC_DIR.
+GAUGES_CREATED_AT_FORK = """
+import faulthandler, os, sys, threading, time
+os.environ["PROMETHEUS_MULTIPROC_DIR"] = sys.argv[1]
+from chresilient.observability.multiprocess import WorkerTotals, process_totals
+sys.setswitchinterval(1e-6)
+hung = 0
+for i in range(40):
+    # What gunicorn --preload does: a monitor's first round creates the totals' gauges
+    # while the master forks its workers.
+    creator = threading.Thread(target=lambda: WorkerTotals().publish({"queries_total": 1}))
+    creator.start()
+    time.sleep(i % 7 * 1e-4)
+    pid = os.fork()
+    if pid == 0:
+        faulthandler.dump_traceback_later(20, exit=True)  # a hung child ends, counted
+        process_totals().publish({"queries_total": 2})
+        os._exit(0)
+    creator.join()
+    hung += os.waitpid(pid, 0)[1] != 0
+print("hung", hung)
+"""
+
+
+def test_forks_while_a_thread_creates_the_worker_totals_never_hang(tmp_path: Any) -> None:
+    script = tmp_path / "gauges_at_fork.py"
+    script.write_text(GAUGES_CREATED_AT_FORK)
+    (tmp_path / "prom").mkdir()
+    done = subprocess.run(
+        [sys.executable, str(script), str(tmp_path / "prom")],
+        capture_output=True, text=True, timeout=40 * 25,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.split() == ["hung", "0"], done.stderr[-3000:]
+
+
+REGISTERED_DURING_FORK = """
+import os, sys, threading
+from chresilient import fork
+
+class Marker:
+    repaired = False
+    def before_fork(self): pass
+    def after_fork_in_child(self): Marker.repaired = True
+
+marker = Marker()
+fork.register(marker)
+stop = threading.Event()
+
+def register_more():
+    while not stop.is_set():
+        fork.register(Marker())  # dies at once: the registry grows and shrinks
+
+thread = threading.Thread(target=register_more)
+thread.start()
+sys.setswitchinterval(1e-6)
+failed = 0
+for _ in range(200):
+    pid = os.fork()
+    if pid == 0:
+        os._exit(0 if Marker.repaired else 3)
+    failed += os.waitpid(pid, 0)[1] != 0
+stop.set()
+thread.join()
+print("failed", failed)
+"""
+
+
+def test_fork_hooks_run_while_another_thread_registers_objects(tmp_path: Any) -> None:
+    script = tmp_path / "registered_during_fork.py"
+    script.write_text(REGISTERED_DURING_FORK)
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.split() == ["failed", "0"], done.stderr[-3000:]
+    assert "Exception ignored" not in done.stderr, done.stderr[-3000:]

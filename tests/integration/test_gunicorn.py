@@ -8,6 +8,7 @@ healthy again on its own (seen through the per-worker series of the Prometheus e
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -28,6 +29,30 @@ ROOT = Path(__file__).resolve().parents[2]
 GUNICORN = Path(sys.executable).with_name("gunicorn")
 WORKERS = 3
 REQUEST_TIMEOUT = 20.0  # a request slower than this counts as hung (expected: < 1 s)
+
+
+# Each worker dumps every thread's stack to the log on SIGUSR2 (gunicorn leaves that
+# signal alone in a worker; the master would re-exec on it, so only workers get it).
+STACK_DUMP_CONF = """
+import faulthandler, signal, sys
+
+def post_worker_init(worker):
+    faulthandler.register(signal.SIGUSR2, file=sys.stderr, all_threads=True)
+"""
+
+
+def _dump_worker_stacks(master: int, log: Path) -> None:
+    """Print the stacks of every worker (a failed wait may be a hung worker) and the log."""
+    pids = [
+        pid
+        for children in Path(f"/proc/{master}/task").glob("*/children")
+        for pid in children.read_text().split()
+    ]
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(int(pid), signal.SIGUSR2)
+    time.sleep(2.0)
+    print(f"workers {pids}; gunicorn log:\n" + log.read_text(errors="replace")[-60_000:])
 
 
 def _request(url: str, body: Any = None) -> tuple[int, bytes]:
@@ -72,9 +97,13 @@ def test_gunicorn_preload_workers_through_an_outage(clickhouse_server: Any, tmp_
         PYTHONPATH=str(ROOT),
     )
     log = (tmp_path / "gunicorn.log").open("wb")
+    conf = tmp_path / "gunicorn_conf.py"
+    conf.write_text(STACK_DUMP_CONF)
     proc = subprocess.Popen(
         [
             str(GUNICORN),
+            "-c",
+            str(conf),
             "--preload",
             "-w",
             str(WORKERS),
@@ -204,6 +233,9 @@ def test_gunicorn_preload_workers_through_an_outage(clickhouse_server: Any, tmp_
         assert totals["chresilient_all_processes_healthy"] >= WORKERS
         summed = totals["chresilient_all_processes_queries_total"]
         assert summed > totals["chresilient_queries_total"]  # more than the answering worker
+    except BaseException:
+        _dump_worker_stacks(proc.pid, tmp_path / "gunicorn.log")
+        raise
     finally:
         stop.set()
         os.killpg(proc.pid, signal.SIGTERM)

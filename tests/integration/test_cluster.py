@@ -84,9 +84,11 @@ def delta(after: dict[str, int], before: dict[str, int]) -> dict[str, int]:
     return {k: after[k] - before.get(k, 0) for k in after}
 
 
-def next_calls(mgr: ClickHouseConnectionManager, calls: int = 300) -> dict[str, int]:
+def next_calls(mgr: ClickHouseConnectionManager, load: Load, calls: int = 300) -> dict[str, int]:
     """Where the next ``calls`` calls of the running load went (counted, not timed: the
-    same window whatever the machine's speed)."""
+    same window whatever the machine's speed). Only calls that started from here on
+    count: a call that ended before (say, before a kill) may be counted a bit later."""
+    load.settle()
     before = served(mgr)
     wait_until(
         lambda: sum(delta(served(mgr), before).values()) >= calls,
@@ -109,16 +111,30 @@ def server_queries(server: LocalClickHouse) -> int:
 class Load:
     """``threads`` callers running ``SELECT 1`` until stopped (hard cap: ``cap`` seconds)."""
 
-    def __init__(self, mgr: ClickHouseConnectionManager, threads: int = 8, cap: float = 30.0):
+    def __init__(self, mgr: ClickHouseConnectionManager, threads: int = 8, cap: float = 120.0):
         self.mgr, self.cap = mgr, cap
         self.errors: list[BaseException] = []
         self.calls = 0
         self.slowest = 0.0  # seconds: the longest call, so the cost of a failover shows
         self._lock = threading.Lock()
         self._stop = threading.Event()
-        self._threads = [threading.Thread(target=self._run, daemon=True) for _ in range(threads)]
+        self._ended = [0] * threads  # calls ended, per thread
+        self._threads = [
+            threading.Thread(target=self._run, args=(n,), daemon=True) for n in range(threads)
+        ]
 
-    def _run(self) -> None:
+    def settle(self) -> None:
+        """Return once every thread has ended a call that started after this was called:
+        from then on, each call counted started later than the call to ``settle``."""
+        with self._lock:
+            before = list(self._ended)
+        wait_until(
+            lambda: all(now >= then + 2 for now, then in zip(self._ended, before)),
+            timeout=30,
+            what="every caller thread to end two more calls",
+        )
+
+    def _run(self, n: int) -> None:
         ends = time.monotonic() + self.cap
         while not self._stop.is_set() and time.monotonic() < ends:
             started = time.monotonic()
@@ -129,6 +145,7 @@ class Load:
                     self.errors.append(exc)
             with self._lock:
                 self.calls += 1
+                self._ended[n] += 1
                 self.slowest = max(self.slowest, time.monotonic() - started)
 
     def __enter__(self) -> Load:
@@ -329,7 +346,7 @@ def test_killed_host_under_load_fails_over_and_gets_traffic_back(
             assert health["status"] == "degraded", health["reasons"]
             assert f"{host.label}: circuit breaker open" in health["reasons"]
             # Traffic moves to the others: nothing more reaches the dead host.
-            moved = next_calls(mgr)
+            moved = next_calls(mgr, load)
             assert moved[host.label] == 0, moved
             assert all(v > 50 for k, v in moved.items() if k != host.label), moved
             victim.restart()
@@ -367,13 +384,13 @@ def test_in_order_fails_over_and_fails_back(cluster: list[LocalClickHouse]) -> N
             cluster[0].kill()
             failed_over = wait_for_traffic(mgr, secondary, killed, timeout=5)
             wait_until(lambda: primary.breaker.state is CircuitState.OPEN, timeout=10)
-            moved = next_calls(mgr)
+            moved = next_calls(mgr, load)
             assert moved[primary.label] == 0 and moved[secondary.label] > 50, moved
             assert moved[third.label] == 0, moved  # in_order: the second host takes it all
             cluster[0].restart()
             back = wait_for_traffic(mgr, primary, time.monotonic(), timeout=5)
             wait_until(lambda: primary.breaker.state is CircuitState.CLOSED, timeout=10)
-            moved = next_calls(mgr)
+            moved = next_calls(mgr, load)
         assert load.errors == [], load.errors[:3]
         assert back <= 5.0, back  # expected within two monitor intervals; a hang guard
         # Fail back: the primary takes it all (but calls of the 4 threads already running

@@ -219,8 +219,10 @@ class CircuitBreaker:
         })
 
     def after_fork_in_child(self) -> None:
-        """A parent thread may have held the lock at fork time."""
+        """A parent thread may have held the lock at fork time; the parent's half-open
+        trials do not run here, and ``opens_total`` counts this process's openings."""
         self._lock = threading.Lock()
+        self._in_flight = self._opens = 0
 
     def __repr__(self) -> str:
         return f"<CircuitBreaker {self._name!r} {self._state.value}>"

@@ -325,20 +325,8 @@ class Client(ResilientClient):
             self.manager.start(wait=False)
 
 
-_lock = threading.Lock()
+_lock = fork.ChildLock()
 _client: ResilientClient | None = None
-
-
-class _ClientLock:
-    """Re-creates the process-wide client's lock in a forked child (see chresilient.fork)."""
-
-    def after_fork_in_child(self) -> None:
-        global _lock
-        _lock = threading.Lock()
-
-
-_FORK_HOOK = _ClientLock()
-fork.register(_FORK_HOOK)
 
 
 def get_clickhouse_client(config: Config | None = None) -> ResilientClient:
@@ -351,7 +339,7 @@ def get_clickhouse_client(config: Config | None = None) -> ResilientClient:
     client = _client
     if client is not None and not client.manager.closed:
         return client
-    with _lock:
+    with _lock.held():
         if _client is None or _client.manager.closed:
             manager = ClickHouseConnectionManager(config)
             manager.start(wait=False)
@@ -362,7 +350,7 @@ def get_clickhouse_client(config: Config | None = None) -> ResilientClient:
 def reset_clickhouse_client() -> None:
     """Close the process-wide client; the next ``get_clickhouse_client()`` makes a new one."""
     global _client
-    with _lock:
+    with _lock.held():
         if _client is not None:
             _client.manager.close()
         _client = None

@@ -12,7 +12,6 @@ server is up then); until it is known the answer is ``unknown``.
 
 from __future__ import annotations
 
-import threading
 from typing import Any, Callable
 
 from .schema.source import table_key
@@ -34,8 +33,9 @@ class DeliveryGuarantees:
         self._query = query
         self._database = database
         self._dedup_supported = dedup_supported
+        # No lock: copying this dict and setting one item are atomic under the GIL, and a
+        # lock here would be one more that a fork() could leave held in a child.
         self._engines: dict[str, str] = {}
-        self._lock = threading.Lock()
 
     def known(self, table_sql: str) -> str:
         """The guarantee if the table's engine is known, else ``unknown`` (no query)."""
@@ -53,14 +53,12 @@ class DeliveryGuarantees:
                 )
             except Exception:  # the answer is only a report: never fail an insert for it
                 return UNKNOWN
-            with self._lock:
-                self._engines[table_sql] = str(rows[0][0]) if rows else ""
+            self._engines[table_sql] = str(rows[0][0]) if rows else ""
         return self.known(table_sql)
 
     def report(self) -> dict[str, str]:
         """``{table: guarantee}`` for every table inserted into so far."""
-        with self._lock:
-            engines = dict(self._engines)
+        engines = dict(self._engines)
         return {table: self._guarantee(engine) for table, engine in engines.items()}
 
     def _guarantee(self, engine: str) -> str:

@@ -40,6 +40,46 @@ def register(obj: ForkAware) -> None:
         _participants[obj] = _order
 
 
+class ChildLock:
+    """A lock that every forked child gets anew (``with lock.held():``), for locks that
+    live as long as a module: a parent thread may hold one at fork time."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        register(self)
+
+    def held(self) -> threading.Lock:
+        """The lock to hold now (a child replaces it: take it anew for every use)."""
+        return self._lock
+
+    def after_fork_in_child(self) -> None:
+        self._lock = threading.Lock()
+
+
+class QuiescingLock(ChildLock):
+    """A :class:`ChildLock` also held across ``fork()`` (waiting at most ``WAIT``
+    seconds), so no parent thread is inside what it guards when the process is copied:
+    for a library whose own lock a child would inherit held (prometheus_client's)."""
+
+    WAIT = 5.0
+
+    def __init__(self) -> None:
+        self._held_at_fork = False
+        super().__init__()
+
+    def before_fork(self) -> None:
+        self._held_at_fork = self._lock.acquire(timeout=self.WAIT)
+
+    def after_fork_in_parent(self) -> None:
+        if self._held_at_fork:
+            self._held_at_fork = False
+            self._lock.release()
+
+    def after_fork_in_child(self) -> None:
+        super().after_fork_in_child()
+        self._held_at_fork = False
+
+
 def reinit_event(event: threading.Event) -> None:
     """Make an inherited ``threading.Event`` usable in the child, keeping its flag.
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 import threading
 from collections import deque
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 from sqlalchemy.pool import PoolProxiedConnection, QueuePool
 from sqlalchemy.util.queue import Empty, Full
@@ -142,6 +142,10 @@ class HandoffPool(QueuePool):
     @_timeout.setter
     def _timeout(self, seconds: float) -> None:
         self._configured_timeout = seconds
+
+    def recreate(self) -> HandoffPool:
+        """A new pool with the same settings and listeners (QueuePool's own)."""
+        return cast(HandoffPool, super().recreate())
 
     def connect_within(self, seconds: float) -> PoolProxiedConnection:
         """``connect()``, waiting at most ``seconds`` for a free connection."""

@@ -142,8 +142,10 @@ class HostState:
         )
 
     def after_fork_in_child(self) -> None:
+        """A new lock; the counters start from zero (they count this process). The pool
+        repairs itself (it registered first)."""
         self._lock = threading.Lock()
-        self.pool.after_fork()
+        self.queries_total = self.errors_total = 0
 
 
 def all_busy(hosts: Sequence[HostState]) -> bool:

@@ -57,6 +57,10 @@ class Metrics:
     )
 
     def __init__(self) -> None:
+        self._start()
+        fork.register(self)
+
+    def _start(self) -> None:
         self._lock = threading.Lock()
         self._counters = dict.fromkeys(self.COUNTERS, 0)
         self._errors_by_kind: dict[str, int] = {}
@@ -64,7 +68,6 @@ class Metrics:
         # One slot per bucket plus +Inf; not cumulative (the exposition sums them).
         self._duration_counts = [0] * (len(DURATION_BUCKETS) + 1)
         self._duration_sum = 0.0
-        fork.register(self)
 
     def incr(self, name: str, value: int = 1) -> None:
         with self._lock:
@@ -101,7 +104,9 @@ class Metrics:
         return buckets, total, running
 
     def after_fork_in_child(self) -> None:
-        self._lock = threading.Lock()
+        """A forked child counts from zero: what the parent did stays the parent's (the
+        all-processes totals add every live process's counters)."""
+        self._start()
 
     def counters(self) -> dict[str, Any]:
         with self._lock:

@@ -14,9 +14,9 @@ import itertools
 import socket
 import threading
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager, suppress
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 import structlog
@@ -26,6 +26,7 @@ from sqlalchemy import event
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.pool import ConnectionPoolEntry, PoolProxiedConnection, QueuePool
 
+from . import fork
 from .config import Config
 from .config_values import HostPort, format_host
 from .connection import LastCheckout, PooledConnection, make_client
@@ -80,17 +81,7 @@ class PoolStats:
                 self.misses += 1
 
     def as_dict(self) -> dict[str, int]:
-        return {
-            "connects": self.connects,
-            "connect_attempts": self.connect_attempts,
-            "connect_failures": self.connect_failures,
-            "checkouts": self.checkouts,
-            "hits": self.hits,
-            "misses": self.misses,
-            "invalidations": self.invalidations,
-            "pruned": self.pruned,
-            "pings": self.pings,
-        }
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.name != "lock"}
 
 
 class HostPool:
@@ -121,6 +112,9 @@ class HostPool:
         self._connecting: set[Client] = set()
         self._busy_lock = threading.Lock()
         self._pool = self._new_pool()
+        # Told the new QueuePool when a forked child replaces it (an engine on the pool).
+        self.followers: list[Callable[[QueuePool], object]] = []
+        fork.register(self)
 
     @property
     def label(self) -> str:
@@ -392,18 +386,21 @@ class HostPool:
     def closed(self) -> bool:
         return self._closed
 
-    def after_fork(self) -> None:
+    def after_fork_in_child(self) -> None:
         """In a forked child: leave the parent's sockets alone and start an empty pool.
 
         The old pool is dropped, not disposed (disposing would shut the sockets down for
-        the parent as well); locks are new, since a parent thread may have held them.
+        the parent as well); its ``recreate()`` keeps every listener on it (ours, a user's,
+        an engine's); locks are new, since a parent thread may have held them.
         """
         self._local = threading.local()  # the parent's last checkout is not this process's
         self._busy = set()
         self._connecting = set()
         self._busy_lock = threading.Lock()
-        self.stats.lock = threading.Lock()
-        self._pool = self._new_pool()
+        self.stats = PoolStats()  # this process's own counts
+        self._pool = self._pool.recreate()
+        for follow in self.followers:
+            follow(self._pool)
 
     def recreate(self) -> None:
         """Replace the pool by a fresh one (used by reconnect)."""

@@ -11,12 +11,15 @@ Requires the ``sqlalchemy`` extra (``pip install chresilient[sqlalchemy]``).
 
 from __future__ import annotations
 
+import weakref
+from collections.abc import Callable
 from typing import Any
 
 import sqlalchemy as sa
 from clickhouse_driver import Client
 from clickhouse_sqlalchemy.drivers.native import connector
 from sqlalchemy.engine import ExceptionContext
+from sqlalchemy.pool import QueuePool
 
 from .config import Config
 from .config_values import HostPort
@@ -66,4 +69,17 @@ def create_engine(config: Config | str, **engine_kwargs: Any) -> sa.Engine:
     pool.check_on_checkout()  # the engine checks out without HostPool.connection()
     engine = sa.create_engine("clickhouse+native://", pool=pool.queue_pool, **engine_kwargs)
     sa.event.listen(engine, "handle_error", _mark_disconnects)
+    pool.followers.append(_repoint(weakref.ref(engine)))
     return engine
+
+
+def _repoint(engine_ref: weakref.ref[sa.Engine]) -> Callable[[QueuePool], None]:
+    """A forked child's engine uses the child's new pool (the parent's sockets stay the
+    parent's)."""
+
+    def repoint(new: QueuePool) -> None:
+        engine = engine_ref()
+        if engine is not None:
+            engine.pool = new
+
+    return repoint

@@ -11,10 +11,13 @@ hook so that a dead worker's values leave the sums.
 
 from __future__ import annotations
 
-import threading
+import glob
+import os
+from collections.abc import Iterable
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Gauge
+from prometheus_client.multiprocess import MultiProcessCollector
 
 from .. import fork
 
@@ -65,39 +68,12 @@ class WorkerTotals:
             self._healthy.set(1.0 if metrics.get("connection_state") == "healthy" else 0.0)
 
 
-class _Writes:
-    """The one lock every use of prometheus_client's multiprocess values here takes, held
-    across ``fork()``.
-
-    prometheus_client guards all multiprocess values of a process with one lock of its
-    own that a child inherits as it was: a parent thread inside it at fork time (writing
-    a value, or creating a gauge, as a monitor's first round may do while gunicorn forks
-    its workers) would leave it held for good in the child. Holding ours across fork
-    means no thread of ours is inside theirs then.
-    """
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._held_at_fork = False
-        fork.register(self)
-
-    def held(self) -> threading.Lock:
-        return self._lock
-
-    def before_fork(self) -> None:
-        self._held_at_fork = self._lock.acquire(timeout=5.0)
-
-    def after_fork_in_parent(self) -> None:
-        if self._held_at_fork:
-            self._held_at_fork = False
-            self._lock.release()
-
-    def after_fork_in_child(self) -> None:
-        self._lock = threading.Lock()
-        self._held_at_fork = False
-
-
-_writes = _Writes()
+# Every use of prometheus_client's multiprocess values here (creating a gauge, setting it)
+# happens under this lock, held across fork(): prometheus_client guards all multiprocess
+# values of a process with one lock of its own, which a child inherits as it was, and a
+# parent thread inside it at fork time (a monitor's first round creating the gauges while
+# gunicorn forks its workers) would leave it held for good in the child.
+_writes = fork.QuiescingLock()
 _process_totals: WorkerTotals | None = None
 
 
@@ -110,3 +86,27 @@ def process_totals() -> WorkerTotals:
             if _process_totals is None:
                 _process_totals = created
     return _process_totals
+
+
+class SettledFilesCollector(MultiProcessCollector):
+    """``MultiProcessCollector`` over the files whose process has finished creating them.
+
+    prometheus_client creates a process's file empty and sizes it a moment later
+    (prometheus/client_python#1199): a scrape that met such a file (a worker starting, a
+    respawn) failed whole. An empty file holds no value yet, so it is left out.
+    """
+
+    def __init__(self, registry: CollectorRegistry, path: str) -> None:
+        self.directory = path
+        super().__init__(registry, path=path)  # type: ignore[no-untyped-call]
+
+    def collect(self) -> Iterable[Any]:
+        files = [f for f in glob.glob(os.path.join(self.directory, "*.db")) if _has_data(f)]
+        return self.merge(files, accumulate=True)  # type: ignore[no-untyped-call,no-any-return]
+
+
+def _has_data(path: str) -> bool:
+    try:
+        return os.path.getsize(path) > 0
+    except OSError:  # removed meanwhile (a dead worker's, by mark_process_dead)
+        return False

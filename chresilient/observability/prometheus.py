@@ -30,7 +30,7 @@ from prometheus_client.core import (
 from prometheus_client.registry import REGISTRY, Collector
 
 from ..metrics import SPOOL_COUNTERS
-from .multiprocess import process_totals
+from .multiprocess import SettledFilesCollector, process_totals
 
 BREAKER_STATES = {"closed": 0, "half_open": 1, "open": 2}
 CONNECTION_STATES = ("connecting", "healthy", "degraded", "unhealthy", "closed")
@@ -290,9 +290,7 @@ def exposition(source: MetricsSource) -> tuple[bytes, str]:
     registry = CollectorRegistry(auto_describe=False)
     path = multiprocess_dir()
     if path is not None:
-        from prometheus_client.multiprocess import MultiProcessCollector
-
-        MultiProcessCollector(registry, path=path)  # type: ignore[no-untyped-call]
+        SettledFilesCollector(registry, path)
         metrics = source.metrics()
         process_totals().publish(metrics)  # so the sums include this worker's latest
         registry.register(ManagerCollector(_Fixed(metrics), {"pid": str(os.getpid())}))

@@ -56,6 +56,8 @@ class LocalClickHouseError(RuntimeError):
 # removed) so an interrupted test run never leaves orphan clickhouse-server processes.
 # Strong references on purpose: a dropped-but-running server must still be reaped.
 _LIVE: set[LocalClickHouse] = set()
+# A forked child that exits leaves its parent's servers be (it reaps only its own).
+os.register_at_fork(after_in_child=_LIVE.clear)
 
 
 @atexit.register

@@ -7,6 +7,7 @@ Children are real ``os.fork()`` processes; each reports through a pipe and ends 
 from __future__ import annotations
 
 import faulthandler
+import gc
 import json
 import os
 import signal
@@ -14,6 +15,8 @@ import subprocess
 import sys
 import threading
 import time
+import types
+from collections import deque
 from typing import Any, Callable
 
 import structlog
@@ -21,6 +24,7 @@ from helpers import make_config
 
 from chresilient import ClickHouseConnectionManager, ConnectionPoolConfig
 from chresilient.observability.multiprocess import process_totals
+from chresilient.observability.prometheus import exposition
 
 CHILD_BOUND = 60.0  # seconds a child may take before it counts as hung (expected: < 2 s)
 
@@ -297,3 +301,99 @@ def test_fork_hooks_run_while_another_thread_registers_objects(tmp_path: Any) ->
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.split() == ["failed", "0"], done.stderr[-3000:]
     assert "Exception ignored" not in done.stderr, done.stderr[-3000:]
+
+
+LOCK_TYPES = (type(threading.Lock()), type(threading.RLock()))
+
+
+def _locks_of(*roots: object) -> list[Any]:
+    """Every lock reachable from ``roots`` through chresilient's objects, SQLAlchemy's
+    pools and the containers and threading objects they hold, except those of objects
+    with a ``before_fork`` hook (fork() takes them itself)."""
+    found: dict[int, Any] = {}
+    seen: set[int] = set()
+    stack = list(roots)
+    while stack:
+        obj = stack.pop()
+        if id(obj) in seen:
+            continue
+        seen.add(id(obj))
+        if isinstance(obj, LOCK_TYPES):
+            found[id(obj)] = obj
+            continue
+        if hasattr(obj, "before_fork") and not isinstance(obj, (type, types.ModuleType)):
+            continue  # a lock its fork hook takes: fork() waits for it (bounded), by design
+        if isinstance(obj, types.ModuleType):  # the registry's own lock: fork() takes it
+            walk = obj.__name__.startswith("chresilient") and obj.__name__ != "chresilient.fork"
+        elif isinstance(obj, type):
+            walk = False
+        else:
+            module = str(getattr(type(obj), "__module__", ""))
+            walk = isinstance(obj, (dict, list, set, tuple, deque, types.MethodType)) or (
+                module.startswith(("chresilient", "sqlalchemy.pool", "threading", "weakref"))
+            )
+        if walk:
+            stack.extend(gc.get_referents(obj))
+    return list(found.values())
+
+
+def test_a_child_forked_while_every_lock_is_held_still_serves_every_path(
+    clickhouse: Any, tmp_path: Any
+) -> None:
+    # The worst moment for fork(): a parent thread holds every lock of the manager (and of
+    # chresilient's modules). A child must not need any of them: each must be new there.
+    cfg = make_config(clickhouse, pool=ConnectionPoolConfig(health_check_interval=0.5))
+    mgr = ClickHouseConnectionManager(cfg)
+    table = "fork_locks"
+    try:
+        mgr.start(wait=True, timeout=10)
+        mgr.execute(f"DROP TABLE IF EXISTS {table}")
+        mgr.execute(f"CREATE TABLE {table} (x UInt32) ENGINE = MergeTree ORDER BY x")
+        mgr.insert(table, [(i,) for i in range(100)], ["x"])  # the parent's rows
+        for _ in range(20):
+            mgr.execute("SELECT 1")
+        modules = [m for name, m in sys.modules.items() if name.startswith("chresilient")]
+        locks = _locks_of(mgr, *modules)
+        assert len(locks) > 20, len(locks)  # the walk finds them (pools, breakers, ...)
+        holding, release = threading.Event(), threading.Event()
+
+        def hold_all() -> None:
+            held = [lock for lock in locks if lock.acquire(blocking=False)]
+            holding.set()
+            release.wait(CHILD_BOUND * 2)
+            for lock in held:
+                lock.release()
+
+        def work() -> dict[str, Any]:
+            health = mgr.health()["status"]
+            spool = mgr.spool_health()["state"]
+            rows = mgr.execute("SELECT 42")
+            inserted = mgr.insert(table, [(1000,), (1001,), (1002,)], ["x"]).delivered
+            metrics = mgr.metrics()
+            body, _ = exposition(mgr)
+            mgr.close()
+            return {
+                "health": health, "spool": spool, "rows": rows, "inserted": inserted,
+                # This process's own counts: the parent's 100 rows are not its work.
+                "rows_inserted": metrics["rows_inserted"],
+                "queries_below_parents": metrics["queries_total"] < 20,
+                "exposition": b"chresilient_queries_total" in body,
+            }
+
+        holder = threading.Thread(target=hold_all)
+        holder.start()
+        try:
+            assert holding.wait(30)
+            children = [fork_child(work)]
+        finally:
+            release.set()
+            holder.join(CHILD_BOUND * 3)
+        results, hung = collect(children)
+        assert hung == 0, "the child hung on a lock a parent thread held at fork time"
+        assert results == [{
+            "health": "healthy", "spool": "ok", "rows": [[42]], "inserted": True,
+            "rows_inserted": 3, "queries_below_parents": True, "exposition": True,
+        }], results
+        assert mgr.execute(f"SELECT count() FROM {table}") == [(103,)]
+    finally:
+        mgr.close()

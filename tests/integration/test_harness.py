@@ -251,6 +251,31 @@ def test_server_dies_with_its_python_parent(how: str) -> None:
             shutil.rmtree(base, ignore_errors=True)
 
 
+_FORKING_SCRIPT = textwrap.dedent(
+    """
+    import os, sys
+    from chresilient.testing.server import LocalClickHouse
+    s = LocalClickHouse()
+    s.start()
+    s.query("CREATE TABLE kept (x UInt8) ENGINE = MergeTree ORDER BY x")
+    pid = os.fork()
+    if pid == 0:
+        sys.exit(0)  # a forked worker ends normally: its atexit hooks run
+    os.waitpid(pid, 0)
+    print(s.base_dir.exists(), s.query("SELECT count() FROM system.tables WHERE name = 'kept'"))
+    s.cleanup()
+    """
+)
+
+
+def test_a_forked_child_that_exits_leaves_its_parents_server_alone() -> None:
+    done = subprocess.run(
+        [sys.executable, "-c", _FORKING_SCRIPT], capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split() == ["True", "[(1,)]"], done.stdout
+
+
 # --------------------------------------------------------------------------- proxy
 
 

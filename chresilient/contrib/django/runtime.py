@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import atexit
 import dataclasses
-import threading
 from collections.abc import Mapping
 from typing import Any
 
 from django.conf import settings
 
+from ... import fork
 from ...config import CircuitBreakerConfig, Config, ConnectionPoolConfig, RetryConfig
 from ...config_values import check, parse_bool, parse_float, positive, url_fields
 from ...errors import ConfigError, describe
@@ -18,7 +18,7 @@ from ...manager import ClickHouseConnectionManager
 STARTUP_POLICIES = ("background", "wait", "required")
 _SECTIONS = {"retry": RetryConfig, "pool": ConnectionPoolConfig, "breaker": CircuitBreakerConfig}
 
-_lock = threading.Lock()
+_lock = fork.ChildLock()  # a parent thread may hold it when gunicorn forks
 _manager: ClickHouseConnectionManager | None = None
 
 
@@ -115,7 +115,7 @@ def startup_policy() -> str:
 def get_manager() -> ClickHouseConnectionManager:
     """The project's manager, built on first use from the settings; closed at exit."""
     global _manager
-    with _lock:
+    with _lock.held():
         if _manager is None or _manager.closed:
             cfg = config_from_settings(getattr(settings, "CLICKHOUSE", None))
             _manager = ClickHouseConnectionManager(cfg)
@@ -139,7 +139,7 @@ def start() -> ClickHouseConnectionManager:
 def reset() -> None:
     """Close and forget the manager (tests; settings changed)."""
     global _manager
-    with _lock:
+    with _lock.held():
         if _manager is not None:
             _manager.close()
         _manager = None

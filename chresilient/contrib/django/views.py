@@ -3,23 +3,23 @@
 
 from __future__ import annotations
 
-import threading
 from typing import Any
 
 from django.http import HttpRequest, HttpResponse
 from django.views.decorators.csrf import csrf_exempt
 
+from ... import fork
 from ...health.wsgi import BASE, HealthApp, health_wsgi_app
 from .runtime import get_manager, options
 
-_lock = threading.Lock()
+_lock = fork.ChildLock()  # a parent thread may hold it when gunicorn forks
 _apps: dict[tuple[int, str | None, bool], HealthApp] = {}
 
 
 def _health_app() -> HealthApp:
     mgr, opts = get_manager(), options()
     key = (id(mgr), opts.reconnect_token, opts.show_details)
-    with _lock:  # one app per manager and settings: its single-flight reconnect is shared
+    with _lock.held():  # one app per manager and settings: its single-flight reconnect is shared
         app = _apps.get(key)
         if app is None or app.mgr is not mgr:
             app = health_wsgi_app(

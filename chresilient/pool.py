@@ -419,6 +419,8 @@ class HostPool:
         """
         limit = self.cfg.pool.pool_recycle_time if max_age is None else max_age
         now = time.monotonic()
+        # Taken under the lock: after it, a checkout may replace a victim's connection.
+        victims: list[PooledConnection] = []
 
         def old(record: ConnectionPoolEntry) -> bool:
             conn: PooledConnection | None = record.dbapi_connection  # type: ignore[assignment]
@@ -426,9 +428,10 @@ class HostPool:
                     or not conn.connection.connected):
                 return False
             conn.pruned = True  # under the queue's lock: no checkout can take it meanwhile
+            victims.append(conn)
             return True
 
-        victims = [r.dbapi_connection for r in self._pool.select_idle(old)]
+        self._pool.select_idle(old)
         for conn in victims:
             conn.close()
         if victims:

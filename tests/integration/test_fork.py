@@ -321,7 +321,7 @@ def _locks_of(*roots: object) -> list[Any]:
         if isinstance(obj, LOCK_TYPES):
             found[id(obj)] = obj
             continue
-        if hasattr(obj, "before_fork") and not isinstance(obj, (type, types.ModuleType)):
+        if hasattr(type(obj), "before_fork") and not isinstance(obj, type):
             continue  # a lock its fork hook takes: fork() waits for it (bounded), by design
         if isinstance(obj, types.ModuleType):  # the registry's own lock: fork() takes it
             walk = obj.__name__.startswith("chresilient") and obj.__name__ != "chresilient.fork"

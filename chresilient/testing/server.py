@@ -13,6 +13,7 @@ import atexit
 import contextlib
 import ctypes
 import os
+import random
 import shutil
 import signal
 import socket
@@ -85,17 +86,33 @@ def _resolve_binary(binary: str | os.PathLike[str] | None) -> str:
 
 
 def free_ports(count: int) -> list[int]:
-    """Distinct free loopback ports (all bound at once so they cannot coincide)."""
+    """Distinct free loopback ports (all bound at once so they cannot coincide), below
+    the kernel's ephemeral range when it leaves room: a server restarted on its port must
+    not find it taken by a client's outgoing connection (those get ephemeral ports)."""
+    low = _ephemeral_low()
     socks: list[socket.socket] = []
     try:
-        for _ in range(count):
+        for tries in range(count + 200):
+            if len(socks) == count:
+                break
             s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-            s.bind((_HOST, 0))
+            try:
+                s.bind((_HOST, random.randrange(10000, low) if low > 11000 and tries < 200 else 0))
+            except OSError:
+                s.close()
+                continue
             socks.append(s)
         return [int(s.getsockname()[1]) for s in socks]
     finally:
         for s in socks:
             s.close()
+
+
+def _ephemeral_low() -> int:
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 0
 
 
 def _tail(path: Path, max_bytes: int = 4000) -> str:
